@@ -258,6 +258,16 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def created_epoch(self) -> float | None:
+        """`created` (ISO 8601) as epoch seconds, None when unparsable."""
+        from datetime import datetime
+
+        try:
+            return datetime.fromisoformat(self.created.replace("Z", "+00:00")).timestamp()
+        except ValueError:
+            return None
+
+    @property
     def total_bytes(self) -> int:
         return sum(int(f["size"]) for f in self.files.values())
 
