@@ -180,7 +180,7 @@ MANIFEST_FORMAT = 1
 CHECKSUM_ALGORITHM = "crc32"  # integrity, not security; zlib's is fast and stdlib
 SAVEDMODEL_DIR = "savedmodel"
 
-_NAME_RE = re.compile(r"^ckpt-(\d{%d})(?:\.tmp-(\d+))?$" % STEP_DIGITS)
+_NAME_RE = re.compile(r"^ckpt-(\d{" + str(STEP_DIGITS) + r"})(?:\.tmp-(\d+))?$")
 
 
 def checkpoint_dirname(step: int) -> str:
