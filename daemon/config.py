@@ -88,6 +88,13 @@ class RemoteConfig:
     keep: int = 3
     bandwidth_mbps: float = 0.0  # 0 = unlimited (megabytes per second)
     retries: int = 5
+    # Issue 7: S3-compatible servers (MinIO, Ceph, R2) and fsspec filesystem options.
+    endpoint_url: str = ""
+    storage_options: Mapping[str, Any] = field(default_factory=dict)
+    backoff_initial_seconds: float = 1.0
+    backoff_max_seconds: float = 60.0
+    # How long the stop path waits for the final checkpoint's upload; 0 = stop.grace_seconds.
+    final_wait_seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -166,6 +173,16 @@ def _remote_url(key: str, v: Any) -> Any:
     if v and "://" not in v:
         raise ConfigError(f"{key}: must be a URL such as s3://bucket/run or gs://bucket/run, got {v!r}")
     return v.rstrip("/")
+
+
+def _optional_url(key: str, v: Any) -> Any:
+    return _url(key, v) if v != "" else v
+
+
+def _table(key: str, v: Any) -> Any:
+    if not isinstance(v, dict):
+        raise ConfigError(f"{key}: must be a table, got {type(v).__name__}")
+    return dict(v)
 
 
 def _bool(key: str, v: Any) -> Any:
@@ -251,6 +268,11 @@ SCHEMA: dict[str, dict[str, Check]] = {
         "keep": _number(1, integer=True),
         "bandwidth_mbps": _number(0),
         "retries": _number(0, integer=True),
+        "endpoint_url": _optional_url,
+        "storage_options": _table,
+        "backoff_initial_seconds": _number(0),
+        "backoff_max_seconds": _number(0),
+        "final_wait_seconds": _number(0, max_value=86400),
     },
     "daemon": {
         "state_dir": _string(nonempty=True),
