@@ -1,0 +1,22 @@
+"""Which helper components run inside the daemon (notice sources, disk guard, mirror...).
+
+The CLI calls `build_components`; the supervisor starts them, passes them its
+thread-safe `post`, calls their hooks and puts their `status()` into the state file.
+"""
+
+from __future__ import annotations
+
+from daemon.clock import Clock
+from daemon.components import Component
+from daemon.config import Config
+
+
+def build_components(cfg: Config, clock: Clock) -> list[Component]:
+    """The components for this config, in start order.
+
+    Empty for now: each helper's engineer appends theirs here (e.g. notice sources
+    from cfg.preemption, the disk guard from cfg.disk, the remote mirror when
+    cfg.remote.url is set). Keep construction cheap; threads start in start(post).
+    """
+    components: list[Component] = []
+    return components

@@ -1,0 +1,57 @@
+"""structlog set-up: one JSON object per line on stdout, console rendering on a tty.
+
+Every module does ``log = structlog.get_logger()`` and logs dotted event names; this
+module only decides how lines are rendered and which levels pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import IO, Any, TextIO, cast
+
+import structlog
+
+LEVELS = ("debug", "info", "warning", "error")
+FORMATS = ("json", "console", "auto")
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
+    """Configure structlog process-wide (call once, from the CLI)."""
+    stream = sys.stdout if stream is None else stream
+    if fmt == "auto":
+        fmt = "console" if _isatty(stream) else "json"
+    renderer: Any
+    if fmt == "console":
+        renderer = structlog.dev.ConsoleRenderer(colors=_isatty(stream))
+        timestamper = structlog.processors.TimeStamper(fmt="%H:%M:%S.%f", utc=False)
+    else:
+        renderer = structlog.processors.JSONRenderer(sort_keys=False)
+        timestamper = structlog.processors.TimeStamper(fmt="iso", utc=True)
+    structlog.configure(
+        processors=[
+            structlog.processors.add_log_level,
+            timestamper,
+            structlog.processors.StackInfoRenderer(),
+            structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
+            _event_first,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, stream)),
+        cache_logger_on_first_use=False,
+    )
+
+
+def _event_first(logger: Any, method: str, event_dict: Any) -> Any:
+    """Put timestamp, level and event first so a tailed line reads left to right."""
+    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    head.update(event_dict)
+    return head
+
+
+def _isatty(stream: IO[str]) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
