@@ -146,8 +146,10 @@ class AwsSource(NoticeSource):
         request_timeout: float = 2.0,
         grace_seconds: float | None = None,
     ) -> None:
-        super().__init__(clock, detect_seconds=poll_seconds + request_timeout, backoff_initial=1.0,
-                         backoff_max=max(poll_seconds, 20.0), grace_seconds=grace_seconds)
+        # Backoff scales with the poll: at the default 5 s it tops out at 20 s, well inside 120 s.
+        super().__init__(clock, detect_seconds=poll_seconds + request_timeout,
+                         backoff_initial=min(1.0, poll_seconds), backoff_max=4 * poll_seconds,
+                         grace_seconds=grace_seconds)
         self._client = HttpClient(url, request_timeout)
         self.session = ImdsSession(self._client, clock)
         self._poll = poll_seconds

@@ -126,8 +126,9 @@ class AzureSource(NoticeSource):
         request_timeout: float = 2.0,
         grace_seconds: float | None = None,
     ) -> None:
+        # At the default 1 s poll backoff tops out at 5 s, well inside a 30 s eviction notice.
         super().__init__(clock, detect_seconds=poll_seconds + request_timeout, backoff_initial=poll_seconds,
-                         backoff_max=5.0, grace_seconds=grace_seconds)
+                         backoff_max=5 * poll_seconds, grace_seconds=grace_seconds)
         self._client = HttpClient(url, request_timeout)
         self._poll = poll_seconds
         self.vm_name: str | None = None

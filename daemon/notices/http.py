@@ -147,6 +147,8 @@ class HttpClient:
             raise
         except socket.gaierror as exc:
             raise MetadataError("dns", f"cannot resolve {self._host}: {exc.strerror or exc}") from None
+        except UnicodeError:  # a host name IDNA cannot encode never resolves
+            raise MetadataError("dns", f"cannot resolve {self._host}: invalid host name") from None
         except TimeoutError:
             if self._aborted:
                 raise MetadataError("aborted", "client stopped") from None
