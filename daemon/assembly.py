@@ -9,6 +9,7 @@ from __future__ import annotations
 from daemon.clock import Clock
 from daemon.components import Component
 from daemon.config import Config
+from daemon.notices import build_sources
 
 
 def build_components(cfg: Config, clock: Clock) -> list[Component]:
@@ -19,4 +20,6 @@ def build_components(cfg: Config, clock: Clock) -> list[Component]:
     cfg.remote.url is set). Keep construction cheap; threads start in start(post).
     """
     components: list[Component] = []
+    # Cloud preemption notices (issue 4): named sources, or "auto" -> DMI detection.
+    components.extend(build_sources(cfg, clock))
     return components
