@@ -44,6 +44,15 @@ class CheckpointReport:
     reason: str
 
 
+@dataclass(frozen=True)
+class CheckpointFailure:
+    """A save the worker reported as failed (`checkpoint_failed` message)."""
+
+    step: int
+    reason: str
+    error: str
+
+
 class Component:
     """Base class with no-op hooks; subclasses override what they need."""
 
@@ -61,6 +70,9 @@ class Component:
 
     def on_checkpoint(self, report: CheckpointReport) -> None:
         """A checkpoint was committed by the worker (called on the main loop)."""
+
+    def on_checkpoint_failed(self, failure: CheckpointFailure) -> None:
+        """The worker reported a failed save (called on the main loop; e.g. ENOSPC)."""
 
     def on_final_checkpoint(self, report: CheckpointReport | None) -> None:
         """The stop path ended; `report` is the confirmed final checkpoint or None."""
