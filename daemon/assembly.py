@@ -22,4 +22,11 @@ def build_components(cfg: Config, clock: Clock) -> list[Component]:
     components: list[Component] = []
     # Cloud preemption notices (issue 4): named sources, or "auto" -> DMI detection.
     components.extend(build_sources(cfg, clock))
+    if cfg.remote.url:
+        # Imported here: the mirror's optional fsspec stack is loaded only when configured.
+        from daemon.remote import build_mirror
+
+        mirror = build_mirror(cfg)  # ConfigError (exit 78) when the URL's package is missing
+        if mirror is not None:
+            components.append(mirror)
     return components
