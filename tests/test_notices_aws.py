@@ -138,7 +138,7 @@ def test_decisions_under_a_fake_clock() -> None:
     source.decide_action(action)
     source.decide_action(action)
     [stop] = got.notices
-    assert stop.deadline == 500.0 + 120.0 and stop.details["seconds_left"] == 120.0
+    assert stop.deadline == 500.0 + 120.0 and stop.deadline_wall == 1_795_612_920.0
     source.decide_rebalance("t1")
     source.decide_rebalance("t1")
     source.decide_rebalance("t2")

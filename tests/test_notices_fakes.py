@@ -68,7 +68,8 @@ def test_aws_imdsv2_token_flow() -> None:
         action = "/latest/meta-data/spot/instance-action"
         assert call(aws.url, "GET", action)[0] == 401
         assert call(aws.url, "PUT", "/latest/api/token")[0] == 400
-        assert call(aws.url, "PUT", "/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "0"})[0] == 400
+        ttl0 = {"X-aws-ec2-metadata-token-ttl-seconds": "0"}
+        assert call(aws.url, "PUT", "/latest/api/token", ttl0)[0] == 400
         assert call(aws.url, "GET", "/latest/api/token")[0] == 405
         status, headers, token = call(aws.url, "PUT", "/latest/api/token",
                                       {"X-aws-ec2-metadata-token-ttl-seconds": "60"})
@@ -100,7 +101,8 @@ def test_azure_requires_header_and_version_and_post_starts_events() -> None:
             eid, "Preempt", ["vm7"], "Scheduled") and ev["NotBefore"].endswith("GMT")
         assert call(az.url, "POST", path, {"Metadata": "true"}, b"nonsense")[0] == 400
         ack = json.dumps({"StartRequests": [{"EventId": eid}]}).encode()
-        assert call(az.url, "POST", path, {"Metadata": "true", "Content-Type": "application/json"}, ack)[0] == 200
+        json_headers = {"Metadata": "true", "Content-Type": "application/json"}
+        assert call(az.url, "POST", path, json_headers, ack)[0] == 200
         ev = json.loads(call(az.url, "GET", path, {"Metadata": "true"})[2])["Events"][0]
         assert (ev["EventStatus"], ev["NotBefore"]) == ("Started", "") and az.acknowledged == [eid]
         name = call(az.url, "GET", "/metadata/instance/compute/name?api-version=2021-02-01&format=text",

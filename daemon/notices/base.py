@@ -135,8 +135,8 @@ class NoticeSource(Component):
         deadline = None if deadline_wall is None else now_mono + (deadline_wall - now_wall)
         details = dict(details)
         if deadline_wall is not None:
+            # (seconds left is computed and logged by the supervisor from `deadline`)
             seconds_left = round(deadline_wall - now_wall, 3)
-            details["seconds_left"] = seconds_left
             last_save = self._budget.last_save_seconds
             details["last_save_seconds"] = last_save
             if kind is NoticeKind.STOP and last_save is not None and last_save > seconds_left:
@@ -149,9 +149,8 @@ class NoticeSource(Component):
                 )
         notice = Notice(self.provider, kind, deadline, deadline_wall, details)
         with self._lock:
-            self._posted.append(
-                {"kind": kind.value, "at": now_wall, "deadline_wall": deadline_wall, **details}
-            )
+            self._posted.append({**details, "kind": kind.value, "at": now_wall,
+                                 "deadline_wall": deadline_wall})
         if self._post is not None:
             self._post(notice)
         return notice
