@@ -53,6 +53,9 @@ def record(event: str, **fields: Any) -> None:
 def write_checkpoint(step: int, reason: str, payload: bytes = b"weights") -> str:
     """Commit a checkpoint per the layout contract; return its final path."""
     root = Path(os.environ[contract.ENV_CHECKPOINT_DIR])
+    final = root / contract.checkpoint_dirname(step)
+    if final.exists():  # already saved at this step (e.g. a request, then a stop)
+        return str(final)
     tmp = root / contract.temp_dirname(step)
     tmp.mkdir(parents=True, exist_ok=True)
     data = tmp / "data.bin"
@@ -65,7 +68,6 @@ def write_checkpoint(step: int, reason: str, payload: bytes = b"weights") -> str
         files={"data.bin": {"size": len(payload), "crc32": zlib.crc32(payload)}},
     )
     contract.write_json_atomic(tmp / contract.MANIFEST_NAME, manifest.to_json())
-    final = root / contract.checkpoint_dirname(step)
     os.rename(tmp, final)
     contract.fsync_dir(root)
     return str(final)
