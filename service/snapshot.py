@@ -1,0 +1,110 @@
+"""Point-in-time copy of a tf.train.Checkpoint's state, written later off the training thread.
+
+Why not `tf.train.CheckpointOptions(enable_async=True)` directly: TF 2.21's
+AsyncCheckpointHelper re-runs `_copy_trackable_to_cpu` inside a tf.function, and a
+Keras 3 variable's implementation creates a new tf.Variable there, so the second
+async save of any Keras 3 model fails ("tf.function only supports singleton
+tf.Variables"). We use the same TF protocol the helper uses (each trackable's
+`_copy_trackable_to_cpu` into an object map, handed to the saver of a second
+Checkpoint over the same objects), run eagerly, with Keras variables mapped onto
+the copy of the tf.Variable they wrap. TF's own serialisation still writes the files.
+
+On CPU the copy is copy-on-write (a variable read shares the buffer until the next
+update), so the training thread pays a few milliseconds plus, at its next update,
+one memory copy of the state; on a GPU it is the device-to-host copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+import tensorflow as tf
+from tensorflow.python.checkpoint import trackable_view
+from tensorflow.python.eager import context
+from tensorflow.python.trackable import base as trackable_base
+from tensorflow.python.util import object_identity
+
+log = structlog.get_logger()
+
+
+class SnapshotUnsupported(Exception):
+    """Some object in the checkpoint cannot be copied; saves must be synchronous."""
+
+
+def _is_saveable(obj: Any) -> bool:
+    for cls in type(obj).mro():
+        if cls is trackable_base.Trackable:
+            continue
+        if "_serialize_to_tensors" in cls.__dict__ or "_gather_saveables_for_checkpoint" in cls.__dict__:
+            return True
+    return False
+
+
+def _keras_variable_type() -> type | None:
+    try:
+        import keras
+    except ImportError:
+        return None
+    return getattr(keras, "Variable", None)
+
+
+class Snapshotter:
+    """Copies the state of `checkpoint` on the training thread; writes the copy anywhere later."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint) -> None:
+        kwargs = getattr(checkpoint, "_kwargs", None)
+        if kwargs is None:
+            raise SnapshotUnsupported("not a tf.train.Checkpoint (no constructor arguments to mirror)")
+        # A second Checkpoint over the same objects: its object graph (and so the
+        # file) is the one the user's Checkpoint writes, but its saver reads copies.
+        self._writer = tf.train.Checkpoint(**kwargs)
+        self._map: Any = object_identity.ObjectIdentityDictionary()
+        self._items: list[Any] | None = None
+        self._keras_variable: Any = _keras_variable_type()
+
+    def _collect(self) -> list[Any]:
+        items = [
+            t for t in trackable_view.TrackableView(self._writer).descendants()
+            if t is not self._writer and _is_saveable(t)
+        ]
+        # Slot variables (TF optimizers) are not children in the object graph.
+        extra = []
+        variables = [t for t in items if isinstance(t, tf.Variable)]
+        for t in items:
+            if "get_slot_names" in dir(t):
+                for slot_name in t.get_slot_names():
+                    for var in variables:
+                        try:
+                            slot = t.get_slot(var, slot_name)
+                        except (AttributeError, KeyError):
+                            continue
+                        if isinstance(slot, trackable_base.Trackable):
+                            extra.append(slot)
+        return items + extra
+
+    def _copy(self, obj: Any) -> None:  # obj: a TF trackable (untyped upstream)
+        if self._keras_variable is not None and isinstance(obj, self._keras_variable):
+            inner = obj.value
+            inner._copy_trackable_to_cpu(object_map=self._map)
+            self._map[obj] = self._map[inner]
+        else:
+            obj._copy_trackable_to_cpu(object_map=self._map)
+
+    def take(self) -> None:
+        """Copy the current state (training thread; blocks only for the copy)."""
+        first = self._items is None
+        if self._items is None:
+            self._items = self._collect()
+        try:
+            for obj in self._items:
+                self._copy(obj)
+        except NotImplementedError as exc:
+            raise SnapshotUnsupported(f"{type(exc).__name__}: {exc}") from None
+        if first:
+            self._writer._saver._object_map = self._map
+        context.async_wait()  # the copy has finished before training mutates state
+
+    def write(self, file_prefix: str) -> str:
+        """Write the last snapshot with TF's serialisation (any thread)."""
+        return str(self._writer.write(file_prefix))
