@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Collection
 from pathlib import Path
 
 import structlog
@@ -115,15 +116,16 @@ class CheckpointDirView:
                     return manifest.total_bytes
         return None
 
-    def largest_partial(self, entries: list[contract.Entry], own_pid: int) -> int:
+    def largest_partial(self, entries: list[contract.Entry], ignore: Collection[Path] = ()) -> int:
         """Largest size reached by a half-written checkpoint newer than every committed one.
 
         Remembered after its folder is gone, so a save that died of ENOSPC still tells
         how much room the next one needs; forgotten once a newer checkpoint commits.
+        `ignore`: folders that are being deleted, not written.
         """
         newest_committed = max((e.step for e in entries if not e.is_temp), default=-1)
         for entry in entries:
-            if entry.is_temp and entry.writer_pid != own_pid and entry.step > newest_committed:
+            if entry.is_temp and entry.path not in ignore and entry.step > newest_committed:
                 size = disk_bytes(entry.path)
                 self._partial_peak[entry.step] = max(self._partial_peak.get(entry.step, 0), size)
         for step in [s for s in self._partial_peak if s <= newest_committed]:

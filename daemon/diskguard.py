@@ -146,6 +146,7 @@ class DiskGuard(Component):
         # Guard-thread state.
         self._latch = disk_policy.PressureLatch()
         self._view = CheckpointDirView(self._dir)
+        self._doomed: set[Path] = set()  # folders we renamed to delete and have not finished
         self._skip_written: bool | None = None  # None: control file not yet synced
         self._exhausted_logged = False
         self._last_error = ""
@@ -224,6 +225,10 @@ class DiskGuard(Component):
             with self._hook_lock:
                 self._space_failure = True
             self._wake.set()
+
+    def before_worker_start(self, checkpoint_dir: str) -> None:
+        """A worker died or is about to start: sweep its leftovers now (non-blocking)."""
+        self._wake.set()
 
     def wake(self) -> None:
         """Ask for a check now (the thread coalesces bursts)."""
@@ -324,7 +329,7 @@ class DiskGuard(Component):
         if last is None:
             with self._hook_lock:
                 last = self._reported_bytes
-        need = disk_policy.need_bytes(last, self._view.largest_partial(entries, os.getpid()),
+        need = disk_policy.need_bytes(last, self._view.largest_partial(entries, self._doomed),
                                       self._cfg.margin)
         with self._hook_lock:
             space_failure, self._space_failure = self._space_failure, False
@@ -379,11 +384,10 @@ class DiskGuard(Component):
         """Remove `.tmp-` folders whose writer is gone; True when any went."""
         removed = False
         self._recheck_at = None
-        own = os.getpid()
         for entry in entries:
             if entry.writer_pid is None:
                 continue
-            if entry.writer_pid != own:  # our own are prunings cut short: always ours to finish
+            if entry.path not in self._doomed:  # ours: a deletion cut short, always ours to finish
                 if contract.pid_alive(entry.writer_pid):
                     continue
                 age = self._clock.wall() - newest_mtime(entry.path)
@@ -394,8 +398,11 @@ class DiskGuard(Component):
             size = disk_bytes(entry.path)
             if self._rmtree(entry.path):
                 removed = True
-                log.info("disk.stale_temp_removed", path=str(entry.path), step=entry.step,
-                         writer_pid=entry.writer_pid, bytes=size)
+                if entry.path in self._doomed:
+                    self._doomed.discard(entry.path)
+                else:
+                    log.info("disk.stale_temp_removed", path=str(entry.path), step=entry.step,
+                             writer_pid=entry.writer_pid, bytes=size)
         return removed
 
     def _prune(
@@ -409,9 +416,14 @@ class DiskGuard(Component):
             if path is None:
                 continue
             size = disk_bytes(path)
-            # Rename first: no reader ever sees a half-deleted committed folder, and an
-            # interrupted delete leaves a `.tmp-<our pid>` folder that is finished later.
+            # Rename first, to a `.tmp-` name (never read, "being written" by us): no reader
+            # ever sees a half-deleted committed folder, and if we die halfway the leftover
+            # is a stale temp folder that the next daemon removes.
             doomed = path.with_name(contract.temp_dirname(step, os.getpid()))
+            if os.path.lexists(doomed):
+                log.error("disk.prune_failed", path=str(path), step=step,
+                          error=f"{doomed.name} already exists")
+                continue
             try:
                 os.rename(path, doomed)
             except FileNotFoundError:
@@ -419,7 +431,9 @@ class DiskGuard(Component):
             except OSError as exc:
                 log.error("disk.prune_failed", path=str(path), step=step, error=str(exc))
                 continue
-            self._rmtree(doomed)
+            self._doomed.add(doomed)
+            if self._rmtree(doomed):
+                self._doomed.discard(doomed)
             with self._status_lock:
                 self._status["pruned_count"] += 1
                 self._status["pruned_bytes"] += size
