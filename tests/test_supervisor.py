@@ -76,7 +76,8 @@ def test_worker_env_contract(tmp_path: Path, daemons) -> None:
     assert env["PREEMPTD_SOCKET"] == str(d.state_dir / "worker.sock")
     assert env["PREEMPTD_GRACE_SECONDS"] == "7"
     assert env["PREEMPTD_CONTROL"] == str(d.state_dir / "control.json")
-    for key in ("PREEMPTD_EVERY_STEPS", "PREEMPTD_EVERY_SECONDS", "PREEMPTD_KEEP", "PREEMPTD_KEEP_EVERY_HOURS"):
+    for key in ("PREEMPTD_EVERY_STEPS", "PREEMPTD_EVERY_SECONDS", "PREEMPTD_KEEP",
+                "PREEMPTD_KEEP_EVERY_HOURS"):
         assert key in env
     assert "WATCHDOG_USEC" not in env and "NOTIFY_SOCKET" not in env
     # Finished training: exit 0, no restart, one daemon.stopped with reason finished.
