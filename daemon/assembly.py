@@ -9,6 +9,7 @@ from __future__ import annotations
 from daemon.clock import Clock
 from daemon.components import Component
 from daemon.config import Config
+from daemon.diskguard import DiskGuard
 from daemon.notices import build_sources
 
 
@@ -22,6 +23,8 @@ def build_components(cfg: Config, clock: Clock) -> list[Component]:
     components: list[Component] = []
     # Cloud preemption notices (issue 4): named sources, or "auto" -> DMI detection.
     components.extend(build_sources(cfg, clock))
+    # Disk guard (issue 5): prunes before the checkpoint volume fills; its own thread.
+    components.append(DiskGuard.from_config(cfg, clock))
     if cfg.remote.url:
         # Imported here: the mirror's optional fsspec stack is loaded only when configured.
         from daemon.remote import build_mirror

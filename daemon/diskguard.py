@@ -27,8 +27,7 @@ import os
 import shutil
 import sys
 import threading
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,16 +77,10 @@ WATCHED_EVENTS: list[type[FileSystemEvent]] = [
     FileModifiedEvent,
     FileClosedEvent,
 ]
-_ENOSPC_MARKERS = ("no space left", "enospc", "disk quota exceeded", "edquot", "resource_exhausted")
+# Not TF's ResourceExhaustedError as such: that is also how GPU out-of-memory reads.
+_ENOSPC_MARKERS = ("no space left", "enospc", "disk quota exceeded", "edquot")
 
 UsageFn = Callable[[str], Any]  # returns an object with total, used, free (psutil.disk_usage)
-
-
-@dataclass(frozen=True)
-class DiskStateChanged:
-    """Posted to the supervisor's loop when the guard's state changes (rewrite the state file)."""
-
-    status: Mapping[str, Any]
 
 
 class _WakeHandler(FileSystemEventHandler):
@@ -129,7 +122,6 @@ class DiskGuard(Component):
         self._keep_every_hours = keep_every_hours
         self._stale_grace = stale_grace_seconds
 
-        self._post: Post | None = None
         self._thread: threading.Thread | None = None
         self._observer: BaseObserver | None = None
         self._watched_ino: int | None = None
@@ -185,8 +177,10 @@ class DiskGuard(Component):
     # ------------------------------------------------------------- lifecycle
 
     def start(self, post: Post) -> None:
-        """Start watching and the guard thread; the first check runs at once."""
-        self._post = post
+        """Start watching and the guard thread; the first check runs at once.
+
+        Nothing is posted: the supervisor reads status() whenever it writes the state file.
+        """
         self._stopping.clear()
         for folder in (self._dir, self._control.parent):
             try:
@@ -472,7 +466,7 @@ class DiskGuard(Component):
         state = disk_policy.classify(usage, decision.need_bytes, self._cfg)
         self._sync_control(state is DiskState.LOW_SPACE, usage, decision.need_bytes)
         with self._status_lock:
-            changed = self._status["state"] != state.value or self._status["percent"] is None
+            changed = self._status["state"] != state.value
             self._status.update(
                 percent=round(usage.percent, 2),
                 free_bytes=usage.free,
@@ -481,11 +475,8 @@ class DiskGuard(Component):
                 need_bytes=decision.need_bytes,
                 skip_periodic=bool(self._skip_written),
             )
-            snapshot = dict(self._status)
         if changed:
-            log.info("disk.state", state=state.value, percent=snapshot["percent"], free_bytes=usage.free)
-            if self._post is not None:
-                self._post(DiskStateChanged(snapshot))
+            log.info("disk.state", state=state.value, percent=round(usage.percent, 1), free_bytes=usage.free)
 
     def _sync_control(self, skip: bool, usage: Usage, need: int) -> None:
         """Write or remove `<state_dir>/control.json` when the instruction changes."""

@@ -23,7 +23,7 @@ from daemon import contract
 from daemon.clock import FakeClock, SystemClock
 from daemon.components import CheckpointFailure, CheckpointReport
 from daemon.config import DiskConfig
-from daemon.diskguard import DiskGuard, DiskStateChanged, is_space_error
+from daemon.diskguard import DiskGuard, is_space_error
 from tests.disk_fixtures import write_checkpoint, write_foreign
 
 MiB = 1 << 20
@@ -261,6 +261,7 @@ def test_save_failed_for_space_frees_all_that_may_go(dirs: tuple[Path, Path]) ->
         ("OSError: ENOSPC while writing", True),
         ("RESOURCE_EXHAUSTED: ... ; No space left on device", True),
         ("[Errno 122] Disk quota exceeded", True),
+        ("ResourceExhaustedError: OOM when allocating tensor with shape[4096,4096]", False),
         ("ValueError: shapes do not match", False),
     ],
 )
@@ -350,7 +351,6 @@ def test_thread_reacts_to_filesystem_events(dirs: tuple[Path, Path], observer: s
     assert steps_in(ckpt) == [2, 3, 4]
     assert reaction < (1.0 if observer == "inotify" else 4.0), reaction  # polling: 1 s scans
     assert guard.status()["observer"] == observer
-    assert any(isinstance(p, DiskStateChanged) for p in posted)
 
 
 def test_stop_is_prompt_and_idle_guard_does_little(dirs: tuple[Path, Path]) -> None:
