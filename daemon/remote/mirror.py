@@ -226,7 +226,20 @@ class RemoteMirror(Component):
 
     # ------------------------------------------------------------------ queue helpers (lock held)
 
-    def _push(self, job: Job) -> None:
+    def _push(self, job: Job, requeue: bool = False) -> None:
+        """Queue `job` unless the same step is queued or in flight as urgently (lock held).
+
+        `requeue` is for the job in flight itself going back (backoff, give way).
+        """
+        same = [self._queue.get(job.step)]
+        if not requeue and self._current is not None and self._current.step == job.step:
+            same.append(self._current)
+        for existing in same:
+            if existing is not None and existing.key <= job.key:
+                if job.deadline is not None:  # the stop path waits on this one now
+                    existing.deadline = job.deadline if existing.deadline is None else min(
+                        existing.deadline, job.deadline)
+                return
         for dropped in self._queue.push(job):
             log.info("remote.upload_skipped", step=dropped.step, reason=dropped.reason,
                      why="superseded: newer checkpoints queued beyond remote.keep")
@@ -325,7 +338,7 @@ class RemoteMirror(Component):
         except Aborted:
             with self._cond:
                 if not self._stopping:
-                    self._push(job)
+                    self._push(job, requeue=True)
             log.debug("remote.upload_paused", step=job.step, reason=job.reason)
             return
         except Permanent as exc:
@@ -360,10 +373,10 @@ class RemoteMirror(Component):
                               self._cfg.backoff_max_seconds)
         job.not_before = self._clock.monotonic() + delay
         log.warning("remote.upload_failed", step=job.step, reason=job.reason, attempt=job.attempts,
-                    error=error, retry_in_seconds=delay)
+                    error=error, retry=True, retry_in_seconds=delay)
         with self._cond:
             if not self._stopping:
-                self._push(job)
+                self._push(job, requeue=True)
 
     def _note_error(self, job: Job, error: str) -> None:
         with self._cond:

@@ -65,6 +65,9 @@ class UploadQueue:
     def __contains__(self, step: object) -> bool:
         return step in self._jobs
 
+    def get(self, step: int) -> Job | None:
+        return self._jobs.get(step)
+
     def jobs(self) -> list[Job]:
         """Pending jobs in upload order (ignoring backoff)."""
         return sorted(self._jobs.values(), key=lambda j: j.key)
