@@ -7,7 +7,9 @@ documented in docs/DESIGN.md.
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import errno
 import json
 import os
 import re
@@ -154,11 +156,21 @@ def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.write(fd, payload)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+        try:
+            view = memoryview(payload)
+            while view:  # a short write means the disk is full: raise, do not truncate
+                n = os.write(fd, view)
+                if n == 0:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(tmp))
+                view = view[n:]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # no half-written temp left behind (e.g. ENOSPC)
+            os.unlink(tmp)
+        raise
     fsync_dir(path.parent)
 
 

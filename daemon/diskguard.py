@@ -93,6 +93,10 @@ class _WakeHandler(FileSystemEventHandler):
         self._wake()
 
 
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / (1 << 20):.1f} MiB"
+
+
 def is_space_error(error: str) -> bool:
     """Whether a worker's save error text says the disk (or quota) was full."""
     text = error.lower()
@@ -141,7 +145,7 @@ class DiskGuard(Component):
         self._doomed: set[Path] = set()  # folders we renamed to delete and have not finished
         self._skip_written: bool | None = None  # None: control file not yet synced
         self._exhausted_logged = False
-        self._last_error = ""
+        self._errors: dict[str, str] = {}  # event -> the failure last logged (logged once)
         self._recheck_at: float | None = None  # monotonic; a stale temp folder comes of age
         self._last_eval_end = -math.inf
 
@@ -363,14 +367,15 @@ class DiskGuard(Component):
         except OSError as exc:
             self._error_once("disk.usage_failed", path=str(self._dir), error=str(exc))
             return None
-        self._last_error = ""
+        self._errors.pop("disk.usage_failed", None)
         return Usage(total=int(du.total), used=int(du.used), free=int(du.free))
 
     def _error_once(self, event: str, **fields: Any) -> None:
-        key = f"{event}:{fields}"
-        if key != self._last_error:
+        """Log a failure that repeats on every check only when it first happens or changes."""
+        key = repr(sorted(fields.items()))
+        if self._errors.get(event) != key:
             log.error(event, **fields)
-            self._last_error = key
+            self._errors[event] = key
 
     # ------------------------------------------------------------- acting
 
@@ -484,8 +489,8 @@ class DiskGuard(Component):
             return
         try:
             if skip:
-                reason = (f"free space {usage.free} bytes < {need} bytes needed for the next "
-                          f"checkpoint on {self._dir}")
+                reason = (f"{_mib(usage.free)} free on {self._dir}, the next checkpoint needs "
+                          f"{_mib(need)}; periodic saves resume when space returns")
                 contract.write_json_atomic(self._control, {"skip_periodic": True, "reason": reason})
                 log.warning("disk.skip_periodic", free_bytes=usage.free, need_bytes=need,
                             control=str(self._control))
@@ -501,4 +506,5 @@ class DiskGuard(Component):
         except OSError as exc:  # e.g. the state dir is on the full volume; retried next check
             self._error_once("disk.control_failed", path=str(self._control), error=str(exc))
             return
+        self._errors.pop("disk.control_failed", None)
         self._skip_written = skip

@@ -203,7 +203,7 @@ def test_skip_periodic_control_file_appears_and_disappears(dirs: tuple[Path, Pat
     with capture_logs() as logs:
         guard.evaluate()
         assert contract.read_control(control)["skip_periodic"] is True
-        assert "needed" in contract.read_control(control)["reason"]
+        assert "the next checkpoint needs" in contract.read_control(control)["reason"]
         assert guard.status()["state"] == "low_space" and guard.status()["skip_periodic"]
         guard.evaluate()
         hog.unlink()  # space returns

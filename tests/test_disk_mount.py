@@ -266,3 +266,19 @@ def test_killed_writer_leftover_removed_live_writer_untouched(volume: Path) -> N
         for p in procs:
             p.kill()
             p.wait()
+
+
+@pytest.mark.parametrize("volume", [("tmpfs", 4)], indirect=True, ids=["tmpfs"])
+def test_atomic_json_write_on_a_full_disk_leaves_no_temp_file(volume: Path) -> None:
+    """contract.write_json_atomic (the control file, the state file) on ENOSPC: an error,
+    the previous file intact, and no half-written temp file left behind."""
+    target = volume / "control.json"
+    contract.write_json_atomic(target, {"skip_periodic": False})
+    filler = volume / "filler"
+    with open(filler, "wb", buffering=0) as f, pytest.raises(OSError):
+        while True:
+            f.write(b"\0" * (1 << 16))
+    with pytest.raises(OSError):
+        contract.write_json_atomic(target, {"skip_periodic": True, "reason": "x" * 200_000})
+    assert contract.read_control(target) == {"skip_periodic": False}
+    assert sorted(p.name for p in volume.iterdir()) == ["control.json", "filler"]
