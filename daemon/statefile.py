@@ -3,6 +3,7 @@
 Keys (a contract, see docs/DESIGN.md): state, daemon_pid, worker_pid, step, restarts,
 last_exit {code, signal}, last_checkpoint {path, step, reason, age_seconds},
 notices, disk {percent, free_bytes}; plus extra facts and one key per component.
+Written atomically (rename) on every change.
 `age_seconds` is as of `updated`; readers recompute it from `last_checkpoint.wall`.
 """
 
@@ -14,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from daemon.contract import write_json_atomic
 
 STATE_NAME = "state.json"
 
@@ -28,8 +28,20 @@ def path_in(state_dir: str | os.PathLike[str]) -> Path:
 
 
 def write(state_dir: str | os.PathLike[str], data: dict[str, Any]) -> None:
-    """Atomically replace the state file (temp file, fsync, rename, fsync dir)."""
-    write_json_atomic(path_in(state_dir), data)
+    """Atomically replace the state file: readers see the old or the new file, never a mix.
+
+    Not fsynced on purpose: it describes a live process (after a power loss it is stale
+    anyway), and an fsync on every lifecycle move would sit on the restart path.
+    """
+    path = path_in(state_dir)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    payload = json.dumps(data, indent=2, sort_keys=True, default=str).encode() + b"\n"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, payload)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
 
 
 def read(state_dir: str | os.PathLike[str]) -> dict[str, Any]:

@@ -196,6 +196,7 @@ class Supervisor:
             if self._notifier.watchdog_interval:
                 self._next_watchdog = self.clock.monotonic()
             self._start_worker()
+            self._flush_state()
             while self.exit_code is None:
                 self._turn()
             return self.exit_code
@@ -605,10 +606,9 @@ class Supervisor:
     # ----------------------------------------------------------------- state
 
     def _on_state_change(self, prev: State, new: State) -> None:
+        # Written once at the end of this turn of the loop (before it sleeps again): a
+        # crash-and-restart is three moves, and each rename costs milliseconds.
         self._state_dirty = True
-        self._write_state()  # every lifecycle move is on disk before we act on it
-        if self._ready_sent:
-            self._notifier.status(self._status_line())
 
     def _flush_state(self) -> None:
         now = self.clock.monotonic()

@@ -43,11 +43,12 @@ class Daemon:
 
     def __init__(self, tmp: Path, command: Sequence[str] | None, *extra: str,
                  config: Path | None = None, env: dict[str, str] | None = None,
-                 state_dir: Path | None = None, checkpoint_dir: Path | None = None) -> None:
+                 state_dir: Path | None = None, checkpoint_dir: Path | None = None,
+                 log_level: str = "debug") -> None:
         self.state_dir = state_dir or tmp / "s"
         self.checkpoint_dir = checkpoint_dir or tmp / "c"
         self.worker_log = tmp / "worker.log"
-        argv = [PY, "-m", "daemon", "run", "--log-format", "json", "--log-level", "debug",
+        argv = [PY, "-m", "daemon", "run", "--log-format", "json", "--log-level", log_level,
                 "--state-dir", str(self.state_dir), "--checkpoint-dir", str(self.checkpoint_dir)]
         if config is not None:
             argv += ["--config", str(config)]
