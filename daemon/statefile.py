@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-
 STATE_NAME = "state.json"
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from tests.workers.harness import PY, ROOT, Daemon, read_worker_log, wait_until, worker_cmd
+from tests.workers.harness import PY, ROOT, Daemon, read_worker_log, worker_cmd
 
 
 def _ts(iso: str) -> float:
@@ -65,7 +65,9 @@ def _bare_crash_loop(tmp: Path, crashes: int) -> tuple[list[float], list[float]]
     for i in range(crashes):
         proc.wait()
         seen = time.time()
-        nxt = subprocess.Popen(worker_cmd("bench_crash", "0.15"), env=env, cwd=ROOT) if i < crashes - 1 else None
+        nxt = None
+        if i < crashes - 1:
+            nxt = subprocess.Popen(worker_cmd("bench_crash", "0.15"), env=env, cwd=ROOT)
         spawned = time.time()
         death = [e["t"] for e in read_worker_log(log) if e["event"] == "exiting"][-1]
         detect.append(seen - death)
@@ -123,17 +125,18 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     ms = 1000.0
     rows = [
         _row("crash detection (worker death -> worker.exited logged), median",
-             statistics.median(detect) * ms, "ms", "bare Popen.wait() parent", statistics.median(bare_detect) * ms,
-             "<= 50 ms"),
+             statistics.median(detect) * ms, "ms", "bare Popen.wait() parent",
+             statistics.median(bare_detect) * ms, "<= 50 ms"),
         _row("crash detection, max", max(detect) * ms, "ms", "bare Popen.wait() parent, max",
              max(bare_detect) * ms, "-"),
         _row("restart overhead (worker exit -> next worker exec'd, backoff 0), median",
-             statistics.median(restart) * ms, "ms", "bare wait()+Popen() loop", statistics.median(bare_restart) * ms,
-             "<= 100 ms"),
-        _row("daemon RSS while supervising", fp["rss"], "MB", "bare python interpreter RSS", fp["bare_rss"],
-             "<= 40 MB (supervisord ~25 MB, torchrun agent ~216 MB)"),
+             statistics.median(restart) * ms, "ms", "bare wait()+Popen() loop",
+             statistics.median(bare_restart) * ms, "<= 100 ms"),
+        _row("daemon RSS while supervising", fp["rss"], "MB", "bare python interpreter RSS",
+             fp["bare_rss"], "<= 40 MB (supervisord ~25 MB, torchrun agent ~216 MB)"),
         _row("daemon USS (private memory)", fp["uss"], "MB", "-", None, "-"),
-        _row("guard process USS (forked, shares pages with the daemon)", fp["guard_uss"], "MB", "-", None, "-"),
+        _row("guard process USS (forked, shares pages with the daemon)", fp["guard_uss"], "MB", "-",
+             None, "-"),
         _row(f"daemon idle CPU over {idle:g} s (worker heartbeat 1/s)", fp["cpu"], "% of a core",
              "bare sleeping python", fp["bare_cpu"], "<= 0.5 %"),
     ]
