@@ -245,16 +245,19 @@ class DiskGuard(Component):
                 )
                 observer.start()
             except OSError as exc:  # inotify limits, a filesystem without inotify, missing dir
-                log.warning("disk.watch_failed", observer=kind, path=str(self._dir), error=str(exc))
+                self._error_once(f"disk.watch_failed.{kind}", observer=kind, path=str(self._dir),
+                                 error=str(exc))
                 continue
+            self._errors.pop(f"disk.watch_failed.{kind}", None)
+            self._errors.pop("disk.watch_failed", None)
             self._observer = observer
             with contextlib.suppress(OSError):
                 self._watched_ino = os.stat(self._dir).st_ino
             with self._status_lock:
                 self._status["observer"] = kind
             return
-        log.error("disk.watch_failed", path=str(self._dir), fallback="timer only",
-                  seconds=self._cfg.interval_seconds)
+        self._error_once("disk.watch_failed", path=str(self._dir), fallback="timer only",
+                         seconds=self._cfg.interval_seconds)
 
     @staticmethod
     def _make_observer(kind: str) -> BaseObserver:
@@ -370,12 +373,16 @@ class DiskGuard(Component):
         self._errors.pop("disk.usage_failed", None)
         return Usage(total=int(du.total), used=int(du.used), free=int(du.free))
 
-    def _error_once(self, event: str, **fields: Any) -> None:
-        """Log a failure that repeats on every check only when it first happens or changes."""
-        key = repr(sorted(fields.items()))
-        if self._errors.get(event) != key:
+    def _error_once(self, key: str, **fields: Any) -> None:
+        """Log a failure that repeats on every check only when it first happens or changes.
+
+        `key` is the dotted event name, optionally with a suffix that separates cases.
+        """
+        value = repr(sorted(fields.items()))
+        if self._errors.get(key) != value:
+            event = ".".join(key.split(".")[:2])
             log.error(event, **fields)
-            self._errors[event] = key
+            self._errors[key] = value
 
     # ------------------------------------------------------------- acting
 

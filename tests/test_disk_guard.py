@@ -372,3 +372,20 @@ def test_daemon_package_does_not_import_tensorflow() -> None:
     code = "import daemon.diskguard, sys; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
 
+
+
+def test_unusable_checkpoint_dir_is_reported_once_and_never_crashes(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the checkpoint dir's parent should be")
+    ckpt, state = blocker / "ckpt", tmp_path / "state"
+    guard = DiskGuard(ckpt, state, DiskConfig(interval_seconds=0.05), SystemClock())
+    with capture_logs() as logs:
+        guard.start(lambda _e: None)
+        time.sleep(0.6)  # several timer ticks: each would retry and fail
+        guard.stop()
+    names = [e["event"] for e in logs]
+    assert names.count("disk.dir_failed") == 1
+    assert names.count("disk.usage_failed") == 1
+    assert names.count("disk.check_failed") == 0  # no bug surfaced as an exception
+    assert 1 <= names.count("disk.watch_failed") <= 3  # inotify, polling, timer only: once each
+    assert guard.status()["percent"] is None
