@@ -282,3 +282,57 @@ def test_atomic_json_write_on_a_full_disk_leaves_no_temp_file(volume: Path) -> N
         contract.write_json_atomic(target, {"skip_periodic": True, "reason": "x" * 200_000})
     assert contract.read_control(target) == {"skip_periodic": False}
     assert sorted(p.name for p in volume.iterdir()) == ["control.json", "filler"]
+
+
+E2E_WORKER = """
+import os, sys, time
+from daemon import contract
+from tests.disk_fixtures import write_checkpoint
+from tests.workers.common import send
+ckpt = os.environ[contract.ENV_CHECKPOINT_DIR]
+control = os.environ.get(contract.ENV_CONTROL)
+send("hello", handles=["SIGUSR1", "SIGTERM"], framework="test")
+skipped = 0
+for step in range(1, 13):
+    time.sleep(0.15)
+    send("progress", step=step)
+    if contract.read_control(control).get("skip_periodic"):
+        skipped += 1
+        continue
+    t0 = time.monotonic()
+    path = write_checkpoint(ckpt, step, 3 << 20)  # raises (exit 1) on ENOSPC
+    send("checkpoint", step=step, path=str(path), bytes=3 << 20,
+         seconds=time.monotonic() - t0, reason="periodic")
+print("skipped", skipped, flush=True)
+"""
+
+
+@pytest.mark.parametrize("volume", [("tmpfs", 24)], indirect=True, ids=["tmpfs"])
+def test_daemon_end_to_end_prunes_while_a_worker_saves(volume: Path, tmp_path: Path) -> None:
+    """`preemptd run` with the guard from build_components: a worker saving 3 MiB every
+    0.15 s on a 24 MiB volume never runs out of space; the state file shows the guard."""
+    from tests.workers.harness import PY, Daemon
+
+    config = tmp_path / "preemptd.toml"
+    config.write_text(
+        "[preemption]\nsources = []\n"
+        "[checkpoint]\nkeep = 100\n"  # the worker keeps everything: only the guard prunes
+        "[disk]\nwarn_percent = 50\nprune_percent = 70\nmargin = 1.0\ninterval_seconds = 30\n"
+    )
+    d = Daemon(tmp_path, [PY, "-c", E2E_WORKER], config=config, checkpoint_dir=volume / "ckpt",
+               log_level="info")
+    try:
+        rc = d.wait(60)
+    finally:
+        d.close()
+    assert rc == 0, d.raw[-20:]
+    pruned = d.events("disk.pruned")
+    assert len(pruned) >= 5
+    assert [e["step"] for e in pruned] == sorted(e["step"] for e in pruned)  # oldest first
+    assert d.events("disk.pressure")
+    assert not d.events("checkpoint.failed")
+    newest = contract.newest_valid(volume / "ckpt")
+    assert newest is not None and newest[0].step == 12
+    disk = d.state()["disk"]
+    assert disk["pruned_count"] == len(pruned) and disk["state"] in ("ok", "warn", "pruning")
+    assert disk["total_bytes"] == psutil.disk_usage(str(volume)).total
