@@ -42,7 +42,8 @@ SAVE_SCRIPT = textwrap.dedent(
 
 _LINE = re.compile(r"^(\d+)\s+(.*)$")
 _FSYNC = re.compile(r"^f(?:data)?sync\(\d+<([^>]*)>")
-_RENAME = re.compile(r'^rename(?:at2?)?\((?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]+)", (?:AT_FDCWD(?:<[^>]*>)?, )?"([^"]+)"')
+_DIRFD = r"(?:AT_FDCWD(?:<[^>]*>)?, )?"
+_RENAME = re.compile(rf'^rename(?:at2?)?\({_DIRFD}"([^"]+)", {_DIRFD}"([^"]+)"')
 
 
 def _events(trace: str) -> Iterator[tuple[str, str, str]]:
