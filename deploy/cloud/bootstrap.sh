@@ -35,10 +35,14 @@ log() { echo "preemptd-bootstrap: $*"; }
 # The unit may not load kernel modules (ProtectKernelModules=yes), and CUDA loads
 # nvidia-uvm on first use through a setuid helper that NoNewPrivileges= blocks: load
 # it here, as root, before the service starts.
-if command -v nvidia-modprobe >/dev/null; then
-    nvidia-modprobe -u -c=0 || log "nvidia-modprobe failed (no GPU driver?)"
-elif command -v nvidia-smi >/dev/null; then
-    modprobe nvidia-uvm || log "modprobe nvidia-uvm failed"
+# modules-load.d makes later boots load it before the (enabled) unit starts.
+if command -v nvidia-smi >/dev/null || command -v nvidia-modprobe >/dev/null; then
+    echo nvidia-uvm > /etc/modules-load.d/preemptd-nvidia.conf
+    if command -v nvidia-modprobe >/dev/null; then
+        nvidia-modprobe -u -c=0 || log "nvidia-modprobe failed (no GPU driver?)"
+    else
+        modprobe nvidia-uvm || log "modprobe nvidia-uvm failed"
+    fi
 fi
 
 # install.sh needs venv support; Debian/Ubuntu images often lack python3-venv.
@@ -70,5 +74,6 @@ if [ "$fresh" -eq 1 ] && [ -n "$remote" ]; then
     sed -i "s|^url = \"\"|url = \"$remote\"|" "$CONFIG"
     log "remote mirror: $remote"
 fi
-systemctl restart preemptd.service
+# start, not restart: on a later boot the enabled unit already runs a training job.
+systemctl start preemptd.service
 log "preemptd started ($(systemctl show -p StatusText --value preemptd.service))"
