@@ -277,6 +277,7 @@ def test_unit_lifecycle_under_real_systemd(container: Container, record_property
     assert "step" in status_text, f"STATUS= line lacks the step: {status_text!r}"
     shown = box.run("systemctl", "status", "preemptd.service", "--no-pager", check=False).stdout
     assert 'Status: "' in shown, shown
+    print("\nsystemctl status preemptd (while training):\n" + shown)
     wd_before = int(box.show("WatchdogTimestampMonotonic")["WatchdogTimestampMonotonic"])
 
     # ---- SIGKILL the worker: the daemon restarts it, systemd does not restart the daemon
