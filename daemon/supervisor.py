@@ -27,7 +27,7 @@ import structlog
 
 from daemon import contract, statefile
 from daemon.clock import Clock, SystemClock
-from daemon.components import CheckpointReport, Component, Notice, NoticeKind
+from daemon.components import CheckpointFailure, CheckpointReport, Component, Notice, NoticeKind
 from daemon.config import Config, ConfigError
 from daemon.lifecycle import Lifecycle, State
 from daemon.lock import StateDirLock
@@ -150,6 +150,9 @@ class Supervisor:
     # ------------------------------------------------------------------ set-up
 
     def _prepare_dirs(self) -> None:
+        cwd = self.cfg.worker.cwd
+        if cwd and not os.path.isdir(cwd):
+            raise ConfigError(f"worker.cwd: {cwd}: not a directory")
         for key, path, mode in (
             ("daemon.state_dir", self.state_dir, 0o700),
             ("checkpoint.dir", self.checkpoint_dir, 0o755),
@@ -326,7 +329,12 @@ class Supervisor:
                 seconds=float(msg["seconds"]), reason=msg["reason"],
             ))
         elif kind == contract.MSG_CHECKPOINT_FAILED:
-            log.warning("checkpoint.failed", step=step, reason=msg["reason"], error=str(msg.get("error", "")))
+            error = str(msg.get("error", ""))[:500]
+            failure = CheckpointFailure(step=step, reason=msg["reason"], error=error)
+            log.warning("checkpoint.failed", step=step, reason=failure.reason, error=failure.error,
+                        restart=self.restarts)
+            for comp in self.components:
+                self._call(comp, "on_checkpoint_failed", failure)
         elif kind == contract.MSG_EXPORT:
             log.info("export.committed", step=step, path=msg["path"], bytes=msg["bytes"],
                      seconds=msg["seconds"])

@@ -146,3 +146,11 @@ def test_render_status_handles_sparse_data() -> None:
     assert "signal SIGKILL" in text and "67 min ago" in text and "3.0 GiB free" in text
     assert '"watching": true' in text
     assert "not running" in render_status({})
+
+
+def test_bad_worker_cwd_is_config_error(tmp_path: Path, inproc) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'[worker]\ncommand = ["true"]\ncwd = "{tmp_path / "nope"}"\n')
+    cp = inproc("run", "--config", str(cfg), "--state-dir", str(tmp_path / "s"),
+                "--checkpoint-dir", str(tmp_path / "c"))
+    assert cp.returncode == 78 and "worker.cwd" in one_line_error(cp)

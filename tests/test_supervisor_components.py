@@ -210,3 +210,17 @@ def test_progress_is_logged_periodically(tmp_path: Path) -> None:
     rated = [p for p in progress if p["steps_per_second"] is not None]
     assert rated and all(0 < p["steps_per_second"] < 200 for p in rated)
     assert os.path.isdir(tmp_path / "c" / contract.checkpoint_dirname(60))
+
+
+def test_checkpoint_failed_reaches_components(tmp_path: Path) -> None:
+    script = ("from tests.workers.common import send; "
+              "send('checkpoint_failed', step=9, reason='periodic', error='[Errno 28] No space left on device')")
+    comp = Scripted(lambda c, post: None)
+    seen: list[Any] = []
+    comp.on_checkpoint_failed = seen.append  # type: ignore[method-assign]
+    sup = Supervisor(make_cfg(tmp_path, [os.sys.executable, "-c", script]), components=[comp])
+    code, logs = run(sup)
+    assert code == 0
+    failed = [e for e in logs if e["event"] == "checkpoint.failed"]
+    assert failed and failed[0]["step"] == 9 and "No space" in failed[0]["error"]
+    assert len(seen) == 1 and seen[0].step == 9 and seen[0].reason == "periodic"
