@@ -16,6 +16,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+import structlog
+
 from daemon import config as config_mod
 from daemon import contract, statefile
 from daemon.config import Config, ConfigError
@@ -107,6 +109,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         _err(f"preemptd: {exc}")
         return contract.EXIT_CONFIG
+    except KeyboardInterrupt:  # Ctrl-C before the daemon installed its handlers
+        _err("preemptd: interrupted")
+        return 130
 
 
 def _err(text: str) -> None:
@@ -161,6 +166,11 @@ def cmd_run(args: argparse.Namespace, command: list[str] | None) -> int:
     except AlreadyRunning as exc:
         _err(f"preemptd: {exc}")
         return contract.EXIT_CONFIG
+    except ConfigError:
+        raise
+    except Exception:  # noqa: BLE001 - a daemon bug: logged with its traceback, EX_SOFTWARE
+        structlog.get_logger().exception("daemon.internal_error")
+        return contract.EXIT_GAVE_UP
     if supervisor.failure:
         _err(f"preemptd: {supervisor.failure}")
     return code

@@ -45,6 +45,8 @@ STEP_WRITE_INTERVAL = 5.0
 # systemd's stop timeout is extended by the grace plus this much for our own cleanup.
 STOP_EXTEND_MARGIN = 10.0
 MAX_NOTICES = 20
+# How long a worker may survive SIGKILL (uninterruptible sleep) before the daemon moves on.
+UNKILLABLE_SECONDS = 10.0
 
 # Stop reasons.
 REASON_OPERATOR = "operator"
@@ -95,6 +97,8 @@ class Supervisor:
         self.lifecycle = Lifecycle(on_change=self._on_state_change)
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._post_lock = threading.Lock()
+        self._closed = False
         self._signals: collections.deque[int] = collections.deque()
         self._posted: collections.deque[object] = collections.deque()
         self._old_handlers: dict[int, Any] = {}
@@ -122,6 +126,7 @@ class Supervisor:
         # Deadlines (monotonic) and bookkeeping.
         self._restart_at: float | None = None
         self._kill_at: float | None = None
+        self._abandon_at: float | None = None  # give up on a worker that survives SIGKILL
         self._next_progress: float | None = None
         self._progress_mark: tuple[float, int | None] | None = None
         self._next_watchdog: float | None = None
@@ -134,9 +139,12 @@ class Supervisor:
     # ------------------------------------------------------------------ public
 
     def post(self, event: object) -> None:
-        """Deliver `event` to the main loop (thread-safe; wakes the loop)."""
-        self._posted.append(event)
-        self._wake()
+        """Deliver `event` to the main loop (thread-safe; wakes the loop; dropped after exit)."""
+        with self._post_lock:
+            if self._closed:
+                return
+            self._posted.append(event)
+            self._wake()
 
     def run(self) -> int:
         """Supervise until training finished, a stop completed or the budget ran out."""
@@ -168,23 +176,23 @@ class Supervisor:
                 ) from None
 
     def _run_locked(self) -> int:
-        if self._use_guard:
-            # Fork the guard before any thread exists (components start below).
-            self._guard = GroupGuard()
-            self._guard.start()
-        if self._spawner is None:
-            self._spawner = PosixSpawner(self._guard)
         try:
-            self._socket = WorkerSocket(self.state_dir)
-        except ValueError as exc:
-            raise ConfigError(f"daemon.state_dir: {exc}") from None
-        except OSError as exc:
-            raise ConfigError(f"daemon.state_dir: cannot create the worker socket: {exc}") from None
-        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
-        self._selector.register(self._socket.fileno(), selectors.EVENT_READ, "socket")
-        if self._install_signals:
-            self._setup_signals()
-        try:
+            if self._use_guard:
+                # Fork the guard before any thread exists (components start below).
+                self._guard = GroupGuard()
+                self._guard.start()
+            if self._spawner is None:
+                self._spawner = PosixSpawner(self._guard)
+            try:
+                self._socket = WorkerSocket(self.state_dir)
+            except ValueError as exc:
+                raise ConfigError(f"daemon.state_dir: {exc}") from None
+            except OSError as exc:
+                raise ConfigError(f"daemon.state_dir: cannot create the worker socket: {exc}") from None
+            self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+            self._selector.register(self._socket.fileno(), selectors.EVENT_READ, "socket")
+            if self._install_signals:
+                self._setup_signals()
             self._start_components()
             self._remove_stale_temps()
             self.lifecycle.move(
@@ -223,6 +231,7 @@ class Supervisor:
                 log.error("component.failed", component=comp.name, hook="start", error=repr(exc))
 
     def _teardown(self) -> None:
+        started = self.lifecycle.state is not State.INIT
         for comp in self.components:
             try:
                 comp.stop()
@@ -235,15 +244,19 @@ class Supervisor:
             for sig, old in self._old_handlers.items():
                 signal.signal(sig, old)
             signal.set_wakeup_fd(self._old_wakeup_fd if self._old_wakeup_fd is not None else -1)
-        self._write_state()
+        if started:
+            self._write_state()
         if self._socket is not None:
             self._socket.close()
         if self._guard is not None:
             self._guard.close()
         self._notifier.close()
         self._selector.close()
-        os.close(self._wake_r)
-        os.close(self._wake_w)
+        with self._post_lock:
+            # A component thread may still post: never write into a closed (reused) fd.
+            self._closed = True
+            os.close(self._wake_r)
+            os.close(self._wake_w)
 
     # -------------------------------------------------------------- main loop
 
@@ -270,7 +283,7 @@ class Supervisor:
         self._flush_state()
 
     def _next_timeout(self) -> float | None:
-        deadlines = [d for d in (self._restart_at, self._kill_at, self._next_progress,
+        deadlines = [d for d in (self._restart_at, self._kill_at, self._abandon_at, self._next_progress,
                                  self._next_watchdog, self._hang_deadline()) if d is not None]
         if self._step_dirty:
             deadlines.append(self._next_step_write)
@@ -411,7 +424,7 @@ class Supervisor:
             self._notifier.stopping(STOP_EXTEND_MARGIN, f"stopping ({reason}): no worker running")
             self._finish_stop()
 
-    def _on_worker_exit(self, status: ExitStatus) -> None:
+    def _on_worker_exit(self, status: ExitStatus, reaped: bool = True) -> None:
         worker = self.worker
         assert worker is not None
         prev = self.lifecycle.state
@@ -419,7 +432,7 @@ class Supervisor:
         uptime = now - self._worker_started
         # Grandchildren die with the worker: the group is ours to clean.
         worker.signal_group(signal.SIGKILL)
-        if self._spawner is not None:
+        if self._spawner is not None and reaped:
             self._spawner.forget(worker)
         fd = worker.fileno()
         if fd is not None:
@@ -427,10 +440,11 @@ class Supervisor:
         worker.close()
         self.worker = None
         self._kill_at = None
+        self._abandon_at = None
         self.last_exit = status
         self.lifecycle.move(State.EXITED, pid=worker.pid, exit_code=status.code,
                             signal=status.signal_name, uptime_seconds=round(uptime, 3),
-                            restart=self.restarts, step=self.step)
+                            restart=self.restarts, step=self.step, **({} if reaped else {"unkillable": True}))
         if prev is State.STOPPING:
             self._finish_stop()
         elif prev is State.RUNNING and status.success:
@@ -486,10 +500,17 @@ class Supervisor:
         state = self.lifecycle.state
         if self._kill_at is not None and now >= self._kill_at and self.worker is not None:
             self._kill_at = None
+            self._abandon_at = now + UNKILLABLE_SECONDS
             log.warning("worker.killed", pid=self.worker.pid, signal="SIGKILL",
                         why="grace expired", grace_seconds=self.cfg.stop.grace_seconds)
             self.worker.signal_group(signal.SIGKILL)
             self.worker.send_signal(signal.SIGKILL)
+        if self._abandon_at is not None and now >= self._abandon_at and self.worker is not None:
+            # Still there after SIGKILL: stuck in the kernel (e.g. a wedged GPU driver).
+            # Waiting longer cannot help; go on as if it died so the daemon can act.
+            log.error("worker.unkillable", pid=self.worker.pid, seconds=UNKILLABLE_SECONDS)
+            self._on_worker_exit(ExitStatus(None, signal.SIGKILL), reaped=False)
+            return
         hang_at = self._hang_deadline()
         if hang_at is not None and now >= hang_at and self.worker is not None:
             silent = now - self._last_heartbeat
@@ -560,9 +581,9 @@ class Supervisor:
         fd = worker.fileno()
         if fd is not None:
             self._selector.register(fd, selectors.EVENT_READ, "worker")
-        elif self._install_signals:
+        elif self._install_signals and signal.SIGCHLD not in self._old_handlers:
             # No pidfd (old kernel): SIGCHLD through the wake-up fd wakes the loop instead.
-            signal.signal(signal.SIGCHLD, self._record_nothing)
+            self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._record_nothing)
         self._progress_mark = (self._worker_started, self.step)
         self._next_progress = self._worker_started + self.cfg.daemon.progress_interval_seconds
         self.lifecycle.move(State.RUNNING, pid=worker.pid, restart=self.restarts, resume=resume,

@@ -214,7 +214,8 @@ def test_progress_is_logged_periodically(tmp_path: Path) -> None:
 
 def test_checkpoint_failed_reaches_components(tmp_path: Path) -> None:
     script = ("from tests.workers.common import send; "
-              "send('checkpoint_failed', step=9, reason='periodic', error='[Errno 28] No space left on device')")
+              "send('checkpoint_failed', step=9, reason='periodic', "
+              "error='[Errno 28] No space left on device')")
     comp = Scripted(lambda c, post: None)
     seen: list[Any] = []
     comp.on_checkpoint_failed = seen.append  # type: ignore[method-assign]
@@ -224,3 +225,70 @@ def test_checkpoint_failed_reaches_components(tmp_path: Path) -> None:
     failed = [e for e in logs if e["event"] == "checkpoint.failed"]
     assert failed and failed[0]["step"] == 9 and "No space" in failed[0]["error"]
     assert len(seen) == 1 and seen[0].step == 9 and seen[0].reason == "periodic"
+
+
+class StuckProcess:
+    """A worker stuck in the kernel: signals are recorded, it never exits (not reproducible for real)."""
+
+    def __init__(self) -> None:
+        self.pid = 2**22 + 1  # beyond pid_max defaults; never signalled for real
+        self.pgid = self.pid
+        self.signals: list[int] = []
+
+    def fileno(self) -> int | None:
+        return None
+
+    def poll(self):
+        return None
+
+    def send_signal(self, sig: int) -> bool:
+        self.signals.append(sig)
+        return True
+
+    def signal_group(self, sig: int) -> bool:
+        self.signals.append(-sig)
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+class StuckSpawner:
+    def __init__(self) -> None:
+        self.started: list[StuckProcess] = []
+        self.forgotten: list[StuckProcess] = []
+
+    def spawn(self, argv, env, cwd) -> StuckProcess:
+        proc = StuckProcess()
+        self.started.append(proc)
+        return proc
+
+    def forget(self, worker) -> None:
+        self.forgotten.append(worker)
+
+
+def test_worker_that_survives_sigkill_is_abandoned(tmp_path: Path, monkeypatch) -> None:
+    import signal
+
+    import daemon.supervisor as supmod
+
+    monkeypatch.setattr(supmod, "UNKILLABLE_SECONDS", 0.3)
+
+    def script(comp: Scripted, post: Post) -> None:
+        wait(lambda: comp.sup is not None and comp.sup.lifecycle.state is State.RUNNING)
+        post(Notice("gce", NoticeKind.STOP))
+
+    comp = Scripted(script)
+    cfg = make_cfg(tmp_path, ["unused"]).replace("stop", grace_seconds=0.2)
+    spawner = StuckSpawner()
+    sup = Supervisor(cfg, components=[comp], spawner=spawner, guard=False)
+    comp.sup = sup
+    t0 = time.monotonic()
+    code, logs = run(sup)
+    assert time.monotonic() - t0 < 5
+    assert code == contract.EXIT_UNCONFIRMED
+    proc = spawner.started[0]
+    assert proc.signals[0] == signal.SIGTERM and -signal.SIGKILL in proc.signals
+    events = [e["event"] for e in logs]
+    assert events.index("worker.killed") < events.index("worker.unkillable") < events.index("daemon.stopped")
+    assert spawner.forgotten == []  # the guard keeps watching it
