@@ -33,6 +33,7 @@ import structlog
 log = structlog.get_logger()
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 # errnos that mean "this command can never run", as opposed to a transient failure.
 FATAL_EXEC_ERRNOS = frozenset({errno.ENOENT, errno.EACCES, errno.ENOEXEC, errno.ENOTDIR,
@@ -268,6 +269,9 @@ def _guard_main(rfd: int) -> None:  # pragma: no cover - child process
         signal.set_wakeup_fd(-1)
     except ValueError:  # not the main thread: the ignores are a nicety, EOF is what matters
         pass
+    prctl = _load_prctl()
+    if prctl is not None:  # shows as "preemptd-guard" in ps -o comm / top
+        prctl(PR_SET_NAME, b"preemptd-guard", 0, 0, 0)
     os.closerange(0, rfd)
     os.closerange(rfd + 1, 65536)
     groups: set[int] = set()

@@ -17,7 +17,7 @@ import shutil
 import signal
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,6 +48,9 @@ MAX_NOTICES = 20
 # How long a worker may survive SIGKILL (uninterruptible sleep) before the daemon moves on.
 UNKILLABLE_SECONDS = 10.0
 
+# Fields of preemption.notice that a notice's free-form details must not overwrite.
+_RESERVED_LOG_KEYS = frozenset({"event", "level", "timestamp", "source", "kind", "deadline", "seconds_left"})
+
 # Stop reasons.
 REASON_OPERATOR = "operator"
 REASON_PREEMPTION = "preemption"
@@ -77,6 +80,7 @@ class Supervisor:
         components: Sequence[Component] = (),
         clock: Clock | None = None,
         spawner: Spawner | None = None,
+        spawner_factory: Callable[[GroupGuard | None], Spawner] | None = None,
         policy: RestartPolicy | None = None,
         environ: Mapping[str, str] | None = None,
         install_signals: bool = True,
@@ -92,6 +96,8 @@ class Supervisor:
         self._install_signals = install_signals and threading.current_thread() is threading.main_thread()
         self._use_guard = guard
         self._spawner = spawner
+        # Builds the spawner once the guard exists (e.g. the warm-standby spawner).
+        self._spawner_factory = spawner_factory
         self._guard: GroupGuard | None = None
 
         self.lifecycle = Lifecycle(on_change=self._on_state_change)
@@ -182,7 +188,8 @@ class Supervisor:
                 self._guard = GroupGuard()
                 self._guard.start()
             if self._spawner is None:
-                self._spawner = PosixSpawner(self._guard)
+                factory = self._spawner_factory or PosixSpawner
+                self._spawner = factory(self._guard)
             try:
                 self._socket = WorkerSocket(self.state_dir)
             except ValueError as exc:
@@ -248,6 +255,9 @@ class Supervisor:
             self._write_state()
         if self._socket is not None:
             self._socket.close()
+        close_spawner = getattr(self._spawner, "close", None)
+        if callable(close_spawner):  # e.g. a warm-standby spawner kills its spare process
+            close_spawner()
         if self._guard is not None:
             self._guard.close()
         self._notifier.close()
@@ -366,16 +376,20 @@ class Supervisor:
     def _on_notice(self, notice: Notice) -> None:
         now_wall = self.clock.wall()
         seconds_left = None
+        deadline_wall = notice.deadline_wall
         if notice.deadline is not None:
             seconds_left = round(notice.deadline - self.clock.monotonic(), 1)
-        elif notice.deadline_wall is not None:
-            seconds_left = round(notice.deadline_wall - now_wall, 1)
+            if deadline_wall is None:
+                deadline_wall = now_wall + seconds_left
+        elif deadline_wall is not None:
+            seconds_left = round(deadline_wall - now_wall, 1)
+        details = {k: v for k, v in notice.details.items()
+                   if isinstance(k, str) and k not in _RESERVED_LOG_KEYS}
         log.warning("preemption.notice", source=notice.source, kind=notice.kind.value,
-                    deadline=_iso(notice.deadline_wall), seconds_left=seconds_left,
-                    **{k: v for k, v in notice.details.items() if isinstance(k, str)})
+                    deadline=_iso(deadline_wall), seconds_left=seconds_left, **details)
         self.notices.append({
             "source": notice.source, "kind": notice.kind.value, "wall": now_wall,
-            "deadline_wall": notice.deadline_wall, "seconds_left": seconds_left,
+            "deadline_wall": deadline_wall, "seconds_left": seconds_left,
         })
         del self.notices[:-MAX_NOTICES]
         self._state_dirty = True

@@ -89,7 +89,7 @@ def _footprint(tmp: Path, idle_seconds: float) -> dict[str, float]:
         d.wait_for("worker.hello", timeout=30)
         time.sleep(1.0)  # let start-up settle
         dp, bp = psutil.Process(d.proc.pid), psutil.Process(bare.pid)
-        guard = [c for c in dp.children() if c.cmdline() == dp.cmdline()]
+        guard = [c for c in dp.children() if c.name() == "preemptd-guard"]
         c0, b0, t0 = _cpu_seconds(dp), _cpu_seconds(bp), time.monotonic()
         time.sleep(idle_seconds)
         c1, b1, t1 = _cpu_seconds(dp), _cpu_seconds(bp), time.monotonic()
