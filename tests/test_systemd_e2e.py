@@ -175,6 +175,10 @@ def _stage(stage: Path) -> None:
         'log_format = "json"\n'
         "progress_interval_seconds = 2\n"
     )
+    # A config error the daemon must report (exit 78) and systemd must not retry.
+    (stage / "bad.toml").write_text("[restart]\nmax_restarts = -1\n")
+    (stage / "bad.conf").write_text(
+        f"[Service]\nExecStart=\nExecStart={venv_py} -m daemon run --config /e2e/bad.toml\n")
     for f in stage.iterdir():
         f.chmod(0o644)
 
@@ -342,3 +346,48 @@ def test_unit_lifecycle_under_real_systemd(container: Container, record_property
     print("journal of one stop (journalctl -u preemptd -o cat):")
     print("\n".join(stop_lines))
     assert stop_s < 30, f"stop took {stop_s:.1f} s, beyond the unit's TimeoutStopSec=30s"
+
+    # The documented jq filter works on the real journal stream.
+    if shutil.which("jq"):
+        out = box.run("sh", "-c", "journalctl -u preemptd -o cat | jq -cR "
+                      "'fromjson? | select(.event == \"checkpoint.committed\") | .reason'").stdout
+        assert '"preemption"' in out.split() and '"periodic"' in out.split(), out
+
+
+def test_crashed_daemon_is_restarted_and_takes_its_worker_along(container: Container) -> None:
+    box = container
+    box.run("systemctl", "reset-failed", "preemptd.service", check=False)
+    box.run("systemctl", "start", "preemptd.service", timeout=240)
+    main_pid = box.show("MainPID")["MainPID"]
+    worker = wait_for("the worker pid", lambda: _worker_pid(box), timeout=60)
+    box.run("kill", "-KILL", main_pid)
+    # Restart=on-failure: systemd schedules a restart (RestartSec=10s) ...
+    wait_for("auto-restart", lambda: box.show("SubState")["SubState"] == "auto-restart", timeout=30)
+    # ... and the orphaned worker does not survive its daemon.
+    wait_for("the worker to die with the daemon",
+             lambda: box.run("kill", "-0", str(worker), check=False).returncode != 0, timeout=30)
+    box.run("systemctl", "stop", "preemptd.service", timeout=60)  # cancel the pending restart
+    assert box.show("ActiveState")["ActiveState"] in ("inactive", "failed")
+
+
+def test_config_error_exits_78_and_is_not_restarted(container: Container) -> None:
+    box = container
+    box.run("systemctl", "reset-failed", "preemptd.service", check=False)
+    box.run("cp", "/e2e/bad.conf", "/etc/systemd/system/preemptd.service.d/zz-bad.conf")
+    box.run("systemctl", "daemon-reload")
+    try:
+        since = int(time.time() * 1e6)
+        res = box.run("systemctl", "start", "preemptd.service", check=False, timeout=120)
+        assert res.returncode != 0, "a config error must fail the start job"
+        props = box.show("ActiveState", "SubState", "Result", "ExecMainStatus", "NRestarts")
+        # RestartPreventExitStatus=78: failed for good, not "auto-restart".
+        assert props["ExecMainStatus"] == str(contract.EXIT_CONFIG), props
+        assert props["ActiveState"] == "failed" and props["SubState"] == "failed", props
+        assert props["NRestarts"] == "0", props
+        said = [str(e.get("MESSAGE")) for e in box.journal() if int(e["__REALTIME_TIMESTAMP"]) >= since]
+        assert any("restart.max_restarts" in m for m in said), said
+        assert not any("Traceback" in m for m in said), said
+    finally:
+        box.run("rm", "-f", "/etc/systemd/system/preemptd.service.d/zz-bad.conf")
+        box.run("systemctl", "daemon-reload")
+        box.run("systemctl", "reset-failed", "preemptd.service", check=False)
