@@ -38,9 +38,36 @@ def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, stream)),
+        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _SafeStream(stream))),
         cache_logger_on_first_use=False,
     )
+
+
+class _SafeStream:
+    """A text stream whose write errors (EPIPE when the reader left, EIO, ENOSPC) are dropped.
+
+    Losing a log line is bad; losing the training run because stdout went away is worse.
+    """
+
+    def __init__(self, stream: IO[str]) -> None:
+        self._stream = stream
+        self.dropped = 0
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except (OSError, ValueError):  # ValueError: the stream was closed
+            self.dropped += 1
+            return 0
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except (OSError, ValueError):
+            self.dropped += 1
+
+    def isatty(self) -> bool:
+        return _isatty(self._stream)
 
 
 def _event_first(logger: Any, method: str, event_dict: Any) -> Any:

@@ -290,3 +290,22 @@ def test_no_process_outlives_the_daemon(tmp_path: Path, daemons, how: str) -> No
     d.wait()
     assert wait_until(lambda: not pid_alive(worker) and not pid_alive(grandchild), 5), \
         f"worker alive={pid_alive(worker)} grandchild alive={pid_alive(grandchild)}"
+
+
+def test_lost_stdout_does_not_stop_supervision(tmp_path: Path) -> None:
+    import subprocess
+
+    from tests.workers.harness import PY, ROOT
+
+    r, w = os.pipe()
+    os.close(r)  # nobody will ever read the daemon's log: every write gets EPIPE
+    try:
+        proc = subprocess.Popen(
+            [PY, "-m", "daemon", "run", "--log-format", "json", "--state-dir", str(tmp_path / "s"),
+             "--checkpoint-dir", str(tmp_path / "c"), "--", *worker_cmd("exit_code", "0", "0.5")],
+            cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=w, stderr=subprocess.PIPE)
+    finally:
+        os.close(w)
+    assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
+    state = json.loads((tmp_path / "s" / "state.json").read_text())
+    assert state["state"] == "finished" and state["last_exit"]["code"] == 0
