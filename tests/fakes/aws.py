@@ -37,8 +37,8 @@ def iso_z(epoch: float) -> str:
 
 
 class FakeAws(FakeMetadataServer):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
         self.tokens: dict[str, float] = {}  # token -> monotonic expiry
         self.meta: dict[str, str] = {
             "instance-id": "i-0123456789abcdef0",

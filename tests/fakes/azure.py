@@ -34,8 +34,8 @@ JSON = {"Content-Type": "application/json; charset=utf-8"}
 
 
 class FakeAzure(FakeMetadataServer):
-    def __init__(self, vm_name: str = "trainer-spot-1") -> None:
-        super().__init__()
+    def __init__(self, vm_name: str = "trainer-spot-1", port: int = 0) -> None:
+        super().__init__(port)
         self.vm_name = vm_name
         self.incarnation = 1
         self.events: list[dict[str, Any]] = []

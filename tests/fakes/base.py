@@ -72,7 +72,7 @@ GARBAGE_BODY = b"\x89PNG\r\n\x1a\n\x00\xff<html>{\"action\": oops"
 class FakeMetadataServer:
     """Base of the provider fakes; a context manager that serves on 127.0.0.1:<free port>."""
 
-    def __init__(self) -> None:
+    def __init__(self, port: int = 0) -> None:
         self.lock = threading.Condition()  # guards the fake's state; notify_all() on changes
         self.requests: list[Request] = []
         self._fault = Fault.NONE
@@ -93,7 +93,7 @@ class FakeMetadataServer:
 
             do_GET = do_PUT = do_POST = do_DELETE = do_HEAD = _serve  # noqa: N815
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.05},
                                         name=f"fake-{type(self).__name__}", daemon=True)

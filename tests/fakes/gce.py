@@ -30,8 +30,8 @@ MAX_WAIT_SECONDS = 3600.0  # wait_for_change without timeout_sec waits "indefini
 
 
 class FakeGce(FakeMetadataServer):
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, port: int = 0) -> None:
+        super().__init__(port)
         self.values: dict[str, str] = {
             "instance/preempted": "FALSE",
             "instance/maintenance-event": "NONE",
