@@ -263,6 +263,9 @@ def test_shell_scripts_parse(name: str) -> None:
     res = subprocess.run(["bash", "-n", str(DEPLOY / name)], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     assert os.access(DEPLOY / name, os.X_OK)
+    if shutil.which("shellcheck"):
+        res = subprocess.run(["shellcheck", "-x", str(DEPLOY / name)], capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout
 
 
 @pytest.mark.parametrize(("name", "cloud"), [("cloud/gce-startup.sh", "gce"),
