@@ -136,6 +136,16 @@ def _find_leader(nspawn_pid: int) -> int | None:
     return None
 
 
+def _host_paths() -> list[str]:
+    """Host paths the container needs: the tree, its venv, the venv's base Python.
+
+    /usr is in the container already (--volatile=yes binds it), so paths under it
+    are left out.
+    """
+    paths = {str(ROOT), sys.prefix, sys.base_prefix}
+    return sorted(p for p in paths if p != "/usr" and not p.startswith("/usr/"))
+
+
 def _stage(stage: Path) -> None:
     """Files bound into the container at /e2e: the unit, a drop-in, the config."""
     stage.mkdir(mode=0o755)
@@ -143,7 +153,7 @@ def _stage(stage: Path) -> None:
     shutil.copy(UNIT, stage / "preemptd.service")
     shutil.copy(SYSUSERS, stage / "preemptd.sysusers")
     # Only what differs from production: where the code lives and a short watchdog.
-    ro_paths = sorted({str(ROOT), sys.prefix, sys.base_prefix})
+    ro_paths = _host_paths()
     homes = any(p == "/root" or p.startswith(("/root/", "/home/")) for p in ro_paths)
     dropin = [
         "[Service]",
@@ -194,7 +204,7 @@ def container(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Container]:
     _stage(stage)
     name = f"preemptd-e2e-{os.getpid()}"
     log = base / "nspawn.log"
-    binds = sorted({str(ROOT), sys.prefix, sys.base_prefix})
+    binds = _host_paths()
     cmd = [
         "systemd-nspawn", "--quiet", "--volatile=yes", "--directory=/", "--boot",
         "--register=no", "--keep-unit",  # no machined / system bus needed on the host
