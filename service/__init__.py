@@ -11,7 +11,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service import keras
+    import service.keras as keras
     from service.errors import CheckpointDirError, CheckpointError, CheckpointMismatch, ConfigError
     from service.manager import CheckpointManager
     from service.savedmodel import SavedModelExporter

@@ -21,6 +21,7 @@ from typing import Any
 import structlog
 import tensorflow as tf
 from tensorflow.python.checkpoint import trackable_view
+from tensorflow.python.data.ops import iterator_ops
 from tensorflow.python.eager import context
 from tensorflow.python.trackable import base as trackable_base
 from tensorflow.python.util import object_identity
@@ -47,6 +48,23 @@ def _keras_variable_type() -> type | None:
     except ImportError:
         return None
     return getattr(keras, "Variable", None)
+
+
+class _FrozenIterator(trackable_base.Trackable):
+    """Holds an iterator's serialised state as of the last snapshot.
+
+    TF's own `OwnedIterator._copy_trackable_to_cpu` builds a second iterator over
+    the same dataset, and that advances the dataset's shared shuffle seed
+    generator: the first save would change the order of every later epoch, so a
+    run that saved at other steps (a resumed one) would not train on the same
+    data. Serialising the state (a value, not a view) touches nothing.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: Any = None
+
+    def _serialize_to_tensors(self) -> Any:
+        return self.tensors
 
 
 class Snapshotter:
@@ -84,7 +102,12 @@ class Snapshotter:
         return items + extra
 
     def _copy(self, obj: Any) -> None:  # obj: a TF trackable (untyped upstream)
-        if self._keras_variable is not None and isinstance(obj, self._keras_variable):
+        if isinstance(obj, iterator_ops.OwnedIterator):
+            frozen = self._map.get(obj)
+            if frozen is None:
+                frozen = self._map[obj] = _FrozenIterator()
+            frozen.tensors = obj._serialize_to_tensors()
+        elif self._keras_variable is not None and isinstance(obj, self._keras_variable):
             inner = obj.value
             inner._copy_trackable_to_cpu(object_map=self._map)
             self._map[obj] = self._map[inner]
