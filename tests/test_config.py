@@ -134,7 +134,7 @@ def mappings(draw: st.DrawFn) -> object:
     return draw(st.one_of(st.just(data), values))
 
 
-@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(mappings())
 def test_fuzz_from_mapping_never_tracebacks(data: object) -> None:
     try:

@@ -226,22 +226,22 @@ def test_sigusr1_forwarded_only_to_workers_that_handle_it(tmp_path: Path, daemon
     assert d2.events("worker.exited")[0]["exit_code"] == 0
 
 
-def test_checkpoint_cli_and_status(tmp_path: Path, daemons) -> None:
-    import subprocess
+def test_checkpoint_cli_and_status(tmp_path: Path, daemons, capsys) -> None:
+    from daemon.cli import main
 
-    from tests.workers.harness import PY, ROOT
+    def cli(*args: str) -> tuple[int, str, str]:
+        code = main(list(args))
+        out, err = capsys.readouterr()
+        return code, out, err
 
     d = daemons(tmp_path, worker_cmd("well_behaved"))
     d.wait_for("worker.hello")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cp = subprocess.run([PY, "-m", "daemon", "checkpoint", "--state-dir", str(d.state_dir), "--wait", "10"],
-                        capture_output=True, text=True, env=env, timeout=30)
-    assert cp.returncode == 0, cp.stderr
-    assert "checkpoint committed" in cp.stdout
-    st = subprocess.run([PY, "-m", "daemon", "status", "--state-dir", str(d.state_dir), "--json"],
-                        capture_output=True, text=True, env=env, timeout=30)
-    assert st.returncode == 0
-    data = json.loads(st.stdout)
+    code, out, err = cli("checkpoint", "--state-dir", str(d.state_dir), "--wait", "10")
+    assert code == 0, err
+    assert "checkpoint committed" in out
+    code, out, _ = cli("status", "--state-dir", str(d.state_dir), "--json")
+    assert code == 0
+    data = json.loads(out)
     for key in ("state", "daemon_pid", "worker_pid", "step", "restarts", "last_exit", "last_checkpoint",
                 "notices", "disk"):
         assert key in data
@@ -249,17 +249,14 @@ def test_checkpoint_cli_and_status(tmp_path: Path, daemons) -> None:
     assert data["last_checkpoint"]["reason"] == "requested"
     assert isinstance(data["last_checkpoint"]["age_seconds"], float)
     assert set(data["disk"]) >= {"percent", "free_bytes"}
-    human = subprocess.run([PY, "-m", "daemon", "status", "--state-dir", str(d.state_dir)],
-                           capture_output=True, text=True, env=env, timeout=30)
-    assert human.returncode == 0 and "running" in human.stdout and "requested" in human.stdout
+    code, out, _ = cli("status", "--state-dir", str(d.state_dir))
+    assert code == 0 and "running" in out and "requested" in out
     d.signal(signal.SIGTERM)
     assert d.wait() == 0
-    after = subprocess.run([PY, "-m", "daemon", "status", "--state-dir", str(d.state_dir)],
-                           capture_output=True, text=True, env=env, timeout=30)
-    assert after.returncode == 3 and "not running" in after.stdout
-    none = subprocess.run([PY, "-m", "daemon", "checkpoint", "--state-dir", str(d.state_dir)],
-                          capture_output=True, text=True, env=env, timeout=30)
-    assert none.returncode == 3 and "no preemptd is running" in none.stderr
+    code, out, _ = cli("status", "--state-dir", str(d.state_dir))
+    assert code == 3 and "not running" in out
+    code, _, err = cli("checkpoint", "--state-dir", str(d.state_dir))
+    assert code == 3 and "no preemptd is running" in err
 
 
 def test_second_daemon_on_same_state_dir_refuses(tmp_path: Path, daemons) -> None:
