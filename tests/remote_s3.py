@@ -11,6 +11,7 @@ Run alone (for the benchmark's separate process): python -m tests.remote_s3 PORT
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import sys
 import threading
@@ -98,10 +99,8 @@ class S3Server:
             conns = list(self._conns)
             self._conns.clear()
         for conn in conns:
-            try:
+            with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
         if self._thread is not None:
             self._thread.join(timeout=5)
         self._server = None

@@ -67,8 +67,9 @@ class RemoteMirror(Component):
         self._journal_ops: list[Callable[[], None]] = []  # done on the uploader thread
         self._current: Job | None = None
         self._done_bytes = 0
-        self._committed: dict[int, float] = {}  # step -> monotonic time of its remote commit
-        self._failed: set[int] = set()  # steps given up on
+        # For the stop path's question "did the checkpoint reported at T reach the remote?":
+        self._reported: dict[int, float] = {}  # step -> monotonic time of its latest report
+        self._committed: dict[int, tuple[float, float]] = {}  # step -> (commit time, job start time)
         self._bytes_uploaded = 0
         self._uploads = 0
         self._failures = 0
@@ -108,8 +109,8 @@ class RemoteMirror(Component):
         job = Job(step=report.step, path=path, reason=report.reason, enqueued=now,
                   deadline=now + self._final_wait if urgent else None, total_bytes=report.bytes)
         with self._cond:
-            self._failed.discard(report.step)
-            self._committed.pop(report.step, None)
+            self._reported[report.step] = now
+            _trim(self._reported)
             self._push(job)
             current = self._current
             if current is not None and job.priority < current.priority:
@@ -117,49 +118,62 @@ class RemoteMirror(Component):
             self._cond.notify_all()
 
     def on_final_checkpoint(self, report: CheckpointReport | None) -> None:
-        """Wait (bounded) for the final checkpoint to reach the remote; log and record whether it did."""
+        """Wait (bounded) for the final checkpoint to reach the remote; log and record whether it did.
+
+        The bound is `remote.final_wait_seconds` (default: the stop grace) from the
+        checkpoint's report. With no confirmed final checkpoint, waits for the newest
+        upload still pending, if any.
+        """
         started = self._clock.monotonic()
         with self._cond:
-            unseen = report is not None and not self._known(report.step)
+            unseen = report is not None and report.step not in self._reported
         if unseen and report is not None:
             self.on_checkpoint(report)  # the supervisor may report the final one only here
         with self._cond:
             if report is not None:
                 step: int | None = report.step
             else:
-                pending = [j.step for j in self._queue.jobs()]
+                live = [j.step for j in self._queue.jobs()]
                 if self._current is not None:
-                    pending.append(self._current.step)
-                step = max(pending) if pending else None
+                    live.append(self._current.step)
+                step = max(live) if live else None
             if step is None:
                 self._final = {"step": None, "reached_remote": None, "pending": 0}
-                log.info("remote.final", step=None, reached_remote=None, pending=0)
-                return
-            job = self._job(step)
-            enqueued = job.enqueued if job is not None else started
-            deadline = job.deadline if job is not None and job.deadline is not None else (
-                enqueued + self._final_wait)
-            while True:
-                now = self._clock.monotonic()
-                if step in self._committed or step in self._failed or not self._known(step):
-                    break
-                if now >= deadline:
-                    break
-                self._cond.wait(min(deadline - now, 1.0))
-            reached = step in self._committed
-            seconds = (self._committed[step] - enqueued) if reached else None
-            self._final = {
-                "step": step,
-                "reached_remote": reached,
-                "seconds": None if seconds is None else round(seconds, 3),
-                "deadline_seconds": self._final_wait,
-                "waited_seconds": round(self._clock.monotonic() - started, 3),
-            }
-            final = dict(self._final)
-        if reached:
-            log.info("remote.final", **final)
-        else:
+                final = dict(self._final)
+            else:
+                final = self._wait_for_step(step, started)
+        if final.get("reached_remote") is False:
             log.warning("remote.final", **final)
+        else:
+            log.info("remote.final", **final)
+
+    def _wait_for_step(self, step: int, started: float) -> dict[str, Any]:
+        """Block (lock held) until `step` as last reported is on the remote, or the deadline."""
+        job = self._live_job(step)
+        reported_at = self._reported.get(step, job.enqueued if job is not None else started)
+        deadline = reported_at + self._final_wait
+        if job is not None and job.deadline is not None:
+            deadline = job.deadline
+        while not self._reached(step, reported_at) and self._live_job(step) is not None:
+            now = self._clock.monotonic()
+            if now >= deadline:
+                break
+            self._cond.wait(min(deadline - now, 1.0))
+        reached = self._reached(step, reported_at)
+        seconds = self._committed[step][0] - reported_at if reached else None
+        self._final = {
+            "step": step,
+            "reached_remote": reached,
+            "seconds": None if seconds is None else round(seconds, 3),
+            "deadline_seconds": self._final_wait,
+            "waited_seconds": round(self._clock.monotonic() - started, 3),
+        }
+        return dict(self._final)
+
+    def _reached(self, step: int, reported_at: float) -> bool:
+        # Only an upload that started after the report read what the report announced.
+        done = self._committed.get(step)
+        return done is not None and done[1] >= reported_at
 
     def before_worker_start(self, checkpoint_dir: str) -> None:
         """With no valid local checkpoint, fetch the newest valid remote one (retrying)."""
@@ -226,20 +240,18 @@ class RemoteMirror(Component):
 
     # ------------------------------------------------------------------ queue helpers (lock held)
 
-    def _push(self, job: Job, requeue: bool = False) -> None:
-        """Queue `job` unless the same step is queued or in flight as urgently (lock held).
+    def _push(self, job: Job) -> None:
+        """Queue `job` unless the same step is already queued as urgently (lock held).
 
-        `requeue` is for the job in flight itself going back (backoff, give way).
+        A job in flight for the same step does not count: it may have read an older
+        folder of that step, so the new one is checked again (cheap when unchanged).
         """
-        same = [self._queue.get(job.step)]
-        if not requeue and self._current is not None and self._current.step == job.step:
-            same.append(self._current)
-        for existing in same:
-            if existing is not None and existing.key <= job.key:
-                if job.deadline is not None:  # the stop path waits on this one now
-                    existing.deadline = job.deadline if existing.deadline is None else min(
-                        existing.deadline, job.deadline)
-                return
+        existing = self._queue.get(job.step)
+        if existing is not None and existing.key <= job.key:
+            if job.deadline is not None:  # the stop path waits on this one now
+                existing.deadline = job.deadline if existing.deadline is None else min(
+                    existing.deadline, job.deadline)
+            return
         for dropped in self._queue.push(job):
             log.info("remote.upload_skipped", step=dropped.step, reason=dropped.reason,
                      why="superseded: newer checkpoints queued beyond remote.keep")
@@ -247,17 +259,14 @@ class RemoteMirror(Component):
         if job.step in self._queue:
             self._journal_ops.append(functools.partial(self._journal.add, job.step, job.path, job.reason))
 
-    def _job(self, step: int) -> Job | None:
+    def _live_job(self, step: int) -> Job | None:
+        """The job that will upload `step` last: a queued one, else the one in flight."""
+        queued = self._queue.get(step)
+        if queued is not None:
+            return queued
         if self._current is not None and self._current.step == step:
             return self._current
-        for j in self._queue.jobs():
-            if j.step == step:
-                return j
         return None
-
-    def _known(self, step: int) -> bool:
-        return step in self._committed or step in self._queue or (
-            self._current is not None and self._current.step == step)
 
     # ------------------------------------------------------------------ uploader thread
 
@@ -281,6 +290,7 @@ class RemoteMirror(Component):
                     self._cond.wait(None if nxt is None else max(0.01, nxt - now))
                     continue
                 self._current = job
+                job.started = now
                 self._done_bytes = 0
                 self._interrupt.clear()
             try:
@@ -310,7 +320,7 @@ class RemoteMirror(Component):
         if newest is not None:
             local, manifest = newest
             with self._cond:
-                if not self._known(local.step):
+                if self._live_job(local.step) is None:
                     self._push(Job(step=local.step, path=str(local.path), reason=manifest.reason,
                                    enqueued=now, resumed=True))
 
@@ -338,13 +348,12 @@ class RemoteMirror(Component):
         except Aborted:
             with self._cond:
                 if not self._stopping:
-                    self._push(job, requeue=True)
+                    self._push(job)
             log.debug("remote.upload_paused", step=job.step, reason=job.reason)
             return
         except Permanent as exc:
             self._journal.remove(job.step)
             with self._cond:
-                self._failed.add(job.step)
                 self._cond.notify_all()
             if exc.gone:
                 log.info("remote.upload_skipped", step=job.step, reason=job.reason, why=str(exc))
@@ -364,7 +373,6 @@ class RemoteMirror(Component):
         if job.attempts > self._cfg.retries:
             self._journal.remove(job.step)
             with self._cond:
-                self._failed.add(job.step)
                 self._cond.notify_all()
             log.error("remote.upload_failed", step=job.step, reason=job.reason, attempt=job.attempts,
                       error=error, retry=False)
@@ -376,7 +384,7 @@ class RemoteMirror(Component):
                     error=error, retry=True, retry_in_seconds=delay)
         with self._cond:
             if not self._stopping:
-                self._push(job, requeue=True)
+                self._push(job)
 
     def _note_error(self, job: Job, error: str) -> None:
         with self._cond:
@@ -389,9 +397,8 @@ class RemoteMirror(Component):
         before_deadline = None if job.deadline is None else now <= job.deadline
         self._journal.remove(job.step)
         with self._cond:
-            self._committed[job.step] = now
-            while len(self._committed) > _MAX_REMEMBERED:
-                del self._committed[min(self._committed)]
+            self._committed[job.step] = (now, job.started)
+            _trim(self._committed)
             self._bytes_uploaded += result.bytes_sent
             self._uploads += 0 if result.already_committed else 1
             self._last_commit = {
@@ -442,6 +449,12 @@ class RemoteMirror(Component):
             }
         log.info("remote.fetched", step=result.step, path=result.path, source=result.source,
                  bytes=result.bytes, seconds=round(result.seconds, 3), reason=result.reason)
+
+
+def _trim(d: dict[int, Any]) -> None:
+    """Keep the newest steps only (the stop path asks about recent ones)."""
+    while len(d) > _MAX_REMEMBERED:
+        del d[min(d)]
 
 
 def _lower_priority() -> None:

@@ -33,6 +33,7 @@ class Job:
     deadline: float | None = None  # monotonic; urgent jobs only
     total_bytes: int = 0
     resumed: bool = False  # re-queued from the journal after a daemon restart
+    started: float = 0.0  # monotonic; when its latest attempt began
     key: tuple[int, int] = field(init=False)
 
     def __post_init__(self) -> None:

@@ -24,7 +24,11 @@ from daemon.config import ConfigError, RemoteConfig
 S3_PROTOCOLS = ("s3", "s3a")
 # Bounded network waits so a dead endpoint fails an attempt (then backoff) instead of
 # hanging the uploader; the user's storage_options.config_kwargs win.
-S3_CONFIG_DEFAULTS = {"connect_timeout": 10, "read_timeout": 60, "retries": {"max_attempts": 3}}
+S3_CONFIG_DEFAULTS = {
+    "connect_timeout": 10,
+    "read_timeout": 60,
+    "retries": {"mode": "standard", "total_max_attempts": 3},
+}
 
 
 def scrub_url(url: str) -> str:
