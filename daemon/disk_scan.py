@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Collection
+import threading
+from collections.abc import Callable, Collection
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import structlog
@@ -54,22 +56,34 @@ def newest_mtime(path: str | os.PathLike[str]) -> float:
 
 
 class CheckpointDirView:
-    """Cached observations of one checkpoint dir, for the guard's thread only."""
+    """Cached observations of one checkpoint dir, for the guard's thread (plus one
+    background thread that reads checksums)."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(
+        self, directory: Path, on_checked: Callable[[], None] = lambda: None, background: bool = True
+    ) -> None:
+        """`background=False` reads checksums inline (deterministic single-threaded tests)."""
         self.directory = directory
+        self._background = background
+        self._on_checked = on_checked
         self._foreign_seen: set[str] = set()
         self._manifests: dict[str, tuple[int, contract.Manifest | None]] = {}
+        self._lock = threading.Lock()  # the checksum cache is shared with the reader thread
         self._checksums: dict[str, tuple[int, bool]] = {}
+        self._reading: set[str] = set()
+        self._executor: ThreadPoolExecutor | None = None
+        self.held_back = False  # the last candidates() kept a folder back (checksums pending)
         self._partial_peak: dict[int, int] = {}  # step -> largest size seen of its .tmp- folder
 
     def scan(self) -> list[contract.Entry]:
         """Layout folders, oldest step first (contract.scan); forgets folders that went."""
         entries = contract.scan(self.directory)
         present = {os.fspath(e.path) for e in entries}
-        for cache in (self._manifests, self._checksums):
-            for key in [k for k in cache if k not in present]:
-                del cache[key]
+        for key in [k for k in self._manifests if k not in present]:
+            del self._manifests[key]
+        with self._lock:
+            for key in [k for k in self._checksums if k not in present]:
+                del self._checksums[key]
         return entries
 
     def new_foreign_entries(self) -> list[Path]:
@@ -135,12 +149,14 @@ class CheckpointDirView:
     def candidates(self, entries: list[contract.Entry]) -> list[CheckpointSize]:
         """Committed folders with validity and on-disk size, for the prune plan.
 
-        Sizes are checked for all; the newest size-valid one is also checksummed, so a
-        silently corrupt newest folder cannot make the guard delete the real newest
-        valid checkpoint.
+        Sizes are checked for all. The newest size-valid folder must also pass its
+        checksums, so that a silently corrupt newest folder cannot cost the real newest
+        valid checkpoint; that read runs in the background (a big checkpoint takes
+        seconds), and until it has passed, the next valid folder is held back too.
         """
         cands: list[CheckpointSize] = []
-        protected_found = False
+        protected_found = hold_next = False
+        self.held_back = False
         for entry in reversed(entries):
             if entry.is_temp:
                 continue
@@ -150,8 +166,14 @@ class CheckpointDirView:
             except contract.InvalidCheckpoint:
                 manifest, valid = None, False
             if valid and not protected_found:
-                valid = self._checksums_ok(entry.path)
+                checked = self.checksums_ok(entry.path)
+                valid = checked is not False
                 protected_found = valid
+                hold_next = checked is None
+            elif valid and hold_next:
+                hold_next = False
+                self.held_back = True
+                continue  # not offered until the newer one's checksums have passed
             created = manifest.created_epoch if manifest is not None else None
             if created is None:
                 try:
@@ -162,21 +184,55 @@ class CheckpointDirView:
         cands.reverse()
         return cands
 
-    def _checksums_ok(self, path: Path) -> bool:
-        """Full verification of one folder, cached until its manifest changes."""
+    def newest_committed(self, entries: list[contract.Entry]) -> Path | None:
+        """The newest committed-name folder (to have its checksums read early)."""
+        for entry in reversed(entries):
+            if not entry.is_temp:
+                return entry.path
+        return None
+
+    def checksums_ok(self, path: Path) -> bool | None:
+        """Whether the folder passes full verification; None while that is being read.
+
+        Cached until its manifest changes; the read happens on a background thread,
+        which calls `on_checked` when done.
+        """
         key = os.fspath(path)
         try:
             mtime = os.stat(path / contract.MANIFEST_NAME).st_mtime_ns
         except OSError:
             return False
-        cached = self._checksums.get(key)
-        if cached is not None and cached[0] == mtime:
-            return cached[1]
+        with self._lock:
+            cached = self._checksums.get(key)
+            if cached is not None and cached[0] == mtime:
+                return cached[1]
+            if key in self._reading:
+                return None
+            self._reading.add(key)
+        if not self._background:
+            self._read_checksums(path, key, mtime)
+            return self.checksums_ok(path)
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemptd-disk-verify")
+        self._executor.submit(self._read_checksums, path, key, mtime)
+        return None
+
+    def _read_checksums(self, path: Path, key: str, mtime: int) -> None:
         try:
             contract.verify(path, checksums=True)
             ok = True
         except contract.InvalidCheckpoint as exc:
-            log.warning("disk.damaged_checkpoint", path=key, error=str(exc))
+            gone = not os.path.isdir(path)
             ok = False
-        self._checksums[key] = (mtime, ok)
-        return ok
+            if not gone:
+                log.warning("disk.damaged_checkpoint", path=key, error=str(exc))
+        with self._lock:
+            self._reading.discard(key)
+            self._checksums[key] = (mtime, ok)
+        self._on_checked()
+
+    def close(self) -> None:
+        """Stop the background reader (a read in progress finishes on its own)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None

@@ -117,7 +117,10 @@ class DiskGuard(Component):
         disk_usage: UsageFn = psutil.disk_usage,
         keep_every_hours: float = 0.0,
         stale_grace_seconds: float = STALE_TEMP_GRACE_SECONDS,
+        background_checks: bool = True,
     ) -> None:
+        """`disk_usage(path)` returns total/used/free like psutil.disk_usage (injected in
+        tests); `background_checks=False` reads checksums inline (single-threaded tests)."""
         self._dir = Path(checkpoint_dir)
         self._control = Path(state_dir) / CONTROL_NAME
         self._cfg = cfg
@@ -141,7 +144,8 @@ class DiskGuard(Component):
 
         # Guard-thread state.
         self._latch = disk_policy.PressureLatch()
-        self._view = CheckpointDirView(self._dir)
+        self._view = CheckpointDirView(self._dir, on_checked=self._wake.set,
+                                       background=background_checks)
         self._doomed: set[Path] = set()  # folders we renamed to delete and have not finished
         self._skip_written: bool | None = None  # None: control file not yet synced
         self._exhausted_logged = False
@@ -204,6 +208,7 @@ class DiskGuard(Component):
         if self._thread is not None:
             self._thread.join(timeout=1.0)
             self._thread = None
+        self._view.close()
 
     def status(self) -> dict[str, Any]:
         """percent, free_bytes, total_bytes, state, pruned_count, pruned_bytes (+ need_bytes, ...)."""
@@ -334,6 +339,9 @@ class DiskGuard(Component):
                                       self._cfg.margin)
         with self._hook_lock:
             space_failure, self._space_failure = self._space_failure, False
+        newest = self._view.newest_committed(entries)
+        if newest is not None and usage.percent >= self._cfg.warn_percent:
+            self._view.checksums_ok(newest)  # read early: pruning may be near
 
         decision = self._decide(usage, entries, need, space_failure)
         for _ in range(MAX_PRUNE_ROUNDS):
@@ -342,15 +350,19 @@ class DiskGuard(Component):
             reason = "save_failed" if space_failure else (
                 "pressure" if usage.percent >= self._cfg.prune_percent else "room_for_next_save")
             self._prune(decision.prune, entries, reason, usage)
-            space_failure = False
             before, usage = usage, self._read_usage() or usage
             entries = self._view.scan()
-            decision = self._decide(usage, entries, need, False)
+            decision = self._decide(usage, entries, need, space_failure)
             if usage.free <= before.free:
                 # Nothing measurable came back (space still held by an open file, or a
                 # filesystem that reports late): wait for the next check, not delete more.
                 break
 
+        if space_failure and not self._view.held_back:
+            # Done freeing what may go (no folder held back for a pending checksum read;
+            # when one was, the read's end wakes us to finish).
+            with self._hook_lock:
+                self._space_failure = False
         self._report(observed, usage, decision)
         return decision
 

@@ -23,6 +23,7 @@ from daemon import contract
 from daemon.clock import FakeClock, SystemClock
 from daemon.components import CheckpointFailure, CheckpointReport
 from daemon.config import DiskConfig
+from daemon.disk_scan import CheckpointDirView
 from daemon.diskguard import DiskGuard, is_space_error
 from tests.disk_fixtures import write_checkpoint, write_foreign
 
@@ -63,7 +64,7 @@ def make_guard(ckpt: Path, state: Path, volume: FakeVolume, clock: Any = None, *
     disk = DiskConfig(**{"warn_percent": 70.0, "prune_percent": 85.0, "margin": 1.0,
                          "interval_seconds": 30.0, **cfg})
     return DiskGuard(ckpt, state, disk, clock or FakeClock(wall_start=time.time()),
-                     disk_usage=volume, stale_grace_seconds=0.0)
+                     disk_usage=volume, stale_grace_seconds=0.0, background_checks=False)
 
 
 def steps_in(ckpt: Path) -> list[int]:
@@ -185,7 +186,7 @@ def test_fresh_stale_temp_waits_for_the_grace_period(dirs: tuple[Path, Path], de
     clock = FakeClock(wall_start=time.time())
     disk = DiskConfig(margin=1.0)
     guard = DiskGuard(ckpt, state, disk, clock, disk_usage=FakeVolume(ckpt, 100 * MiB),
-                      stale_grace_seconds=5.0)
+                      stale_grace_seconds=5.0, background_checks=False)
     guard.evaluate()
     assert stale.exists()
     clock.advance(6.0)
@@ -389,3 +390,21 @@ def test_unusable_checkpoint_dir_is_reported_once_and_never_crashes(tmp_path: Pa
     assert names.count("disk.check_failed") == 0  # no bug surfaced as an exception
     assert 1 <= names.count("disk.watch_failed") <= 3  # inotify, polling, timer only: once each
     assert guard.status()["percent"] is None
+
+
+def test_newest_not_yet_checksummed_holds_back_the_one_before(dirs: tuple[Path, Path]) -> None:
+    """The newest folder's checksums are read in the background; until they pass, the
+    previous valid checkpoint is not offered for pruning (it may be the real newest valid)."""
+    ckpt, state = dirs
+    for step in (1, 2, 3, 4):
+        write_checkpoint(ckpt, step, 1 * MiB)
+    checked = threading.Event()
+    view = CheckpointDirView(ckpt, on_checked=checked.set)
+    try:
+        first = view.candidates(view.scan())
+        assert [c.step for c in first] == [1, 2, 4]  # 3 held back while 4 is being read
+        assert checked.wait(10)
+        second = view.candidates(view.scan())
+        assert [c.step for c in second] == [1, 2, 3, 4] and all(c.valid for c in second)
+    finally:
+        view.close()
