@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -47,11 +47,13 @@ def write_checkpoint(
     nbytes: int,
     created: float | None = None,
     single_write: bool = False,
+    after_payload: Callable[[], None] | None = None,
 ) -> Path:
     """Commit a checkpoint of `nbytes` random payload; OSError (tmp removed) on failure.
 
     `single_write` hands the whole payload to one write() call, so a disk that is too
     small fills within one system call (nothing can free space in between).
+    `after_payload` is called as soon as the payload is written (benchmarks time from it).
     """
     directory = Path(directory)
     tmp = directory / contract.temp_dirname(step)
@@ -66,6 +68,8 @@ def write_checkpoint(
             else:
                 for i in range(0, nbytes, _CHUNK):
                     _write_all(fd, payload[i : i + _CHUNK])
+            if after_payload is not None:
+                after_payload()
             os.fsync(fd)
         finally:
             os.close(fd)

@@ -112,8 +112,12 @@ def _reactions(observer: str, ckpt_mib: int, rounds: int) -> tuple[list[float], 
             times = []
             for i in range(rounds):
                 step = 16 + i
-                write_checkpoint(ckpt, step, ckpt_mib * MiB)  # 80 %: the oldest must go
-                t0 = time.monotonic()
+                crossed: list[float] = []
+                # One write() takes usage from 75 % to 80 %: the threshold is crossed the
+                # moment it returns; the oldest checkpoint must go.
+                write_checkpoint(ckpt, step, ckpt_mib * MiB, single_write=True,
+                                 after_payload=lambda c=crossed: c.append(time.monotonic()))
+                t0 = crossed[0]
                 oldest = ckpt / contract.checkpoint_dirname(step - 15)
                 _wait(lambda o=oldest: not o.exists()  # type: ignore[misc]
                       and usage_fn(str(ckpt)).used / usage_fn(str(ckpt)).total * 100 < PRUNE_PERCENT, 10)
