@@ -151,6 +151,7 @@ def cmd_run(args: argparse.Namespace, command: list[str] | None) -> int:
     from daemon.assembly import build_components
     from daemon.clock import SystemClock
     from daemon.lock import AlreadyRunning
+    from daemon.standby import spawner_factory
     from daemon.supervisor import Supervisor
 
     if command is not None and not command:
@@ -160,7 +161,8 @@ def cmd_run(args: argparse.Namespace, command: list[str] | None) -> int:
     dlogging.configure(cfg.daemon.log_level, cfg.daemon.log_format)
     clock = SystemClock()
     components = build_components(cfg, clock)
-    supervisor = Supervisor(cfg, components=components, clock=clock)
+    # worker.warm_standby: a spare worker with the framework imported takes over after a crash.
+    supervisor = Supervisor(cfg, components=components, clock=clock, spawner_factory=spawner_factory(cfg))
     try:
         code = supervisor.run()
     except AlreadyRunning as exc:
