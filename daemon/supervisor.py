@@ -45,6 +45,7 @@ STEP_WRITE_INTERVAL = 5.0
 # systemd's stop timeout is extended by the grace plus this much for our own cleanup.
 STOP_EXTEND_MARGIN = 10.0
 MAX_NOTICES = 20
+MAX_BATCHES_PER_TURN = 8
 # How long a worker may survive SIGKILL (uninterruptible sleep) before the daemon moves on.
 UNKILLABLE_SECONDS = 10.0
 
@@ -277,9 +278,7 @@ class Supervisor:
                 self._drain_wake()
         # Observe first, in an order that keeps causality: a worker's last report is read
         # before its exit; stop requests are seen before an exit so we never restart then.
-        if self._socket is not None:
-            for msg in self._socket.receive():
-                self._on_message(msg)
+        self._drain_socket()
         while self._signals:
             self._on_signal(self._signals.popleft())
         while self._posted:
@@ -287,10 +286,24 @@ class Supervisor:
         if self.worker is not None:
             status = self.worker.poll()
             if status is not None:
+                # Whatever the worker sent before it died is queued by now (AF_UNIX sendto is
+                # synchronous), but may have arrived after the drain above: read it first, or
+                # a final checkpoint report would be missed.
+                self._drain_socket()
                 self._on_worker_exit(status)
         if self.exit_code is None:
             self._on_timers(self.clock.monotonic())
         self._flush_state()
+
+    def _drain_socket(self) -> None:
+        if self._socket is None:
+            return
+        # Bounded so that a worker flooding the socket cannot starve the loop.
+        for _ in range(MAX_BATCHES_PER_TURN):
+            for msg in self._socket.receive():
+                self._on_message(msg)
+            if self._socket.empty:
+                return
 
     def _next_timeout(self) -> float | None:
         deadlines = [d for d in (self._restart_at, self._kill_at, self._abandon_at, self._next_progress,

@@ -52,6 +52,7 @@ class WorkerSocket:
             self._sock.close()
             raise
         self.dropped = 0
+        self.empty = True  # the last receive() found the queue empty
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -59,11 +60,13 @@ class WorkerSocket:
     def receive(self) -> list[dict[str, Any]]:
         """Every valid message waiting now (up to MAX_BATCH); bad ones are dropped."""
         out: list[dict[str, Any]] = []
+        self.empty = False
         for _ in range(MAX_BATCH):
             try:
                 # One byte more than allowed so an oversized datagram is recognisable.
                 data = self._sock.recv(MAX_MESSAGE_BYTES + 1)
             except (BlockingIOError, InterruptedError):
+                self.empty = True
                 break
             try:
                 out.append(decode_message(data))

@@ -292,3 +292,49 @@ def test_worker_that_survives_sigkill_is_abandoned(tmp_path: Path, monkeypatch) 
     events = [e["event"] for e in logs]
     assert events.index("worker.killed") < events.index("worker.unkillable") < events.index("daemon.stopped")
     assert spawner.forgotten == []  # the guard keeps watching it
+
+
+class LastWordsProcess(StuckProcess):
+    """Reports its final checkpoint and dies in the instant between the loop's socket drain
+    and its exit check (the race a busy machine produces)."""
+
+    def __init__(self, socket_path: str, ckpt_dir: str) -> None:
+        super().__init__()
+        self.socket_path = socket_path
+        self.ckpt_dir = ckpt_dir
+        self.dead = False
+
+    def poll(self):
+        import signal as _signal
+        import socket as _socket
+
+        from daemon.spawner import ExitStatus
+
+        if _signal.SIGTERM in self.signals and not self.dead:
+            self.dead = True
+            with _socket.socket(_socket.AF_UNIX, _socket.SOCK_DGRAM) as s:
+                s.sendto(contract.encode_message(
+                    "checkpoint", pid=self.pid, step=5, path=f"{self.ckpt_dir}/ckpt-000000000005",
+                    bytes=1, seconds=0.1, reason="preemption"), self.socket_path)
+        return ExitStatus(0, None) if self.dead else None
+
+
+def test_report_sent_just_before_death_is_not_missed(tmp_path: Path) -> None:
+    class Spawner(StuckSpawner):
+        def spawn(self, argv, env, cwd):
+            proc = LastWordsProcess(env[contract.ENV_SOCKET], env[contract.ENV_CHECKPOINT_DIR])
+            self.started.append(proc)
+            return proc
+
+    def script(comp: Scripted, post: Post) -> None:
+        wait(lambda: comp.sup is not None and comp.sup.lifecycle.state is State.RUNNING)
+        post(Notice("gce", NoticeKind.STOP))
+
+    comp = Scripted(script)
+    sup = Supervisor(make_cfg(tmp_path, ["unused"]), components=[comp], spawner=Spawner(), guard=False)
+    comp.sup = sup
+    code, logs = run(sup)
+    stopped = next(e for e in logs if e["event"] == "daemon.stopped")
+    assert stopped["confirmed"] is True and stopped["confirmed_by"] == "report", stopped
+    assert code == contract.EXIT_OK
+    assert [r.step for r in comp.hooks("on_final_checkpoint")] == [5]
