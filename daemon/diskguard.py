@@ -338,7 +338,7 @@ class DiskGuard(Component):
         need = disk_policy.need_bytes(last, self._view.largest_partial(entries, self._doomed),
                                       self._cfg.margin)
         with self._hook_lock:
-            space_failure, self._space_failure = self._space_failure, False
+            space_failure = self._space_failure  # cleared below once all that may go is gone
         newest = self._view.newest_committed(entries)
         if newest is not None and usage.percent >= self._cfg.warn_percent:
             self._view.checksums_ok(newest)  # read early: pruning may be near

@@ -408,3 +408,26 @@ def test_newest_not_yet_checksummed_holds_back_the_one_before(dirs: tuple[Path, 
         assert [c.step for c in second] == [1, 2, 3, 4] and all(c.valid for c in second)
     finally:
         view.close()
+
+
+def test_save_failure_finishes_after_the_background_checksum_read(dirs: tuple[Path, Path]) -> None:
+    ckpt, state = dirs
+    for step in (1, 2, 3, 4):
+        write_checkpoint(ckpt, step, 1 * MiB)
+    guard = DiskGuard(ckpt, state, DiskConfig(margin=1.0), FakeClock(wall_start=time.time()),
+                      disk_usage=FakeVolume(ckpt, total=100 * MiB))
+    try:
+        guard.on_checkpoint_failed(CheckpointFailure(5, "periodic", "OSError: [Errno 28] No space left"))
+        guard.evaluate()
+        # 3 is held back while 4's checksums are read, unless that read already finished
+        assert steps_in(ckpt) in ([3, 4], [4])
+        deadline = time.monotonic() + 10
+        while steps_in(ckpt) != [4] and time.monotonic() < deadline:
+            time.sleep(0.02)
+            guard.evaluate()  # what the reader's wake-up does in the guard's thread
+        assert steps_in(ckpt) == [4]
+        write_checkpoint(ckpt, 5, 1 * MiB)
+        guard.evaluate()
+        assert steps_in(ckpt) == [4, 5]  # the alarm is over: plenty of room, nothing goes
+    finally:
+        guard.stop()
