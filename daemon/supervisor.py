@@ -375,11 +375,11 @@ class Supervisor:
             log.info("export.committed", step=step, path=msg["path"], bytes=msg["bytes"],
                      seconds=msg["seconds"])
 
-    def _on_checkpoint(self, report: CheckpointReport) -> None:
+    def _on_checkpoint(self, report: CheckpointReport, seen_by: str = "report") -> None:
         self.last_checkpoint = report
         self._last_checkpoint_wall = self.clock.wall()
         log.info("checkpoint.committed", step=report.step, path=report.path, bytes=report.bytes,
-                 seconds=report.seconds, reason=report.reason, restart=self.restarts)
+                 seconds=report.seconds, reason=report.reason, restart=self.restarts, seen_by=seen_by)
         if self._stop is not None:
             self._stop.final = report
         self._state_dirty = True
@@ -513,6 +513,8 @@ class Supervisor:
                                          bytes=manifest.total_bytes, seconds=0.0,
                                          reason=manifest.reason)
                 via = "scan"
+                # Components (e.g. the remote mirror) get it like a reported one.
+                self._on_checkpoint(final, seen_by=via)
         confirmed = final is not None
         self.exit_code = contract.EXIT_OK if confirmed else contract.EXIT_UNCONFIRMED
         self.lifecycle.move(

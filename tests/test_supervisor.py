@@ -306,3 +306,23 @@ def test_lost_stdout_does_not_stop_supervision(tmp_path: Path) -> None:
     assert proc.wait(60) == 0, proc.stderr.read() if proc.stderr else ""
     state = json.loads((tmp_path / "s" / "state.json").read_text())
     assert state["state"] == "finished" and state["last_exit"]["code"] == 0
+
+
+def test_silent_worker_final_checkpoint_confirmed_by_scan(tmp_path: Path, daemons) -> None:
+    # A worker that never uses the socket but commits a checkpoint on SIGTERM, then exits 0.
+    script = (
+        "import signal, sys, time\n"
+        "from tests.workers.common import write_checkpoint\n"
+        "signal.signal(signal.SIGTERM, lambda s, f: (write_checkpoint(77, 'preemption'), sys.exit(0)))\n"
+        "open(sys.argv[1], 'w').close()\n"
+        "while True: time.sleep(1)\n"
+    )
+    ready = tmp_path / "ready"
+    d = daemons(tmp_path, [os.sys.executable, "-c", script, str(ready)])
+    assert wait_until(ready.exists, 20)
+    d.signal(signal.SIGTERM)
+    assert d.wait() == 0
+    stopped = d.events("daemon.stopped")[0]
+    assert stopped["confirmed"] is True and stopped["confirmed_by"] == "scan" and stopped["step"] == 77
+    committed = d.events("checkpoint.committed")
+    assert committed[0]["seen_by"] == "scan" and committed[0]["step"] == 77
