@@ -283,7 +283,7 @@ def test_server_dies_mid_upload_partial_never_restored_then_completes(env: Env, 
         wait_until(lambda: events(logs, "remote.uploaded"))
         big = make_checkpoint(env.ckpt, 200, {"a.index": 1000, "b.data": 12 * MiB})
         m.on_checkpoint(report(big))
-        # Kill the server in the middle of the big file (its parts are 8 MiB).
+        # Kill the server in the middle of the big file (streamed in 5 MiB parts).
         wait_until(lambda: (m.status()["uploading"] or {}).get("bytes_done", 0) > 9 * MiB)
         env.s3.stop()
         wait_until(lambda: events(logs, "remote.upload_failed"), timeout=60)

@@ -28,7 +28,9 @@ from daemon.remote.store import RemoteStore
 log = structlog.get_logger()
 
 CHUNK_BYTES = 1 << 20  # read/throttle granularity of a streamed upload
-BLOCK_BYTES = 8 << 20  # backend part size of a streamed upload (S3's minimum is 5 MiB)
+# Backend part size of a streamed upload: S3's minimum, so a more urgent upload waits for
+# at most one small part in flight before it takes over.
+BLOCK_BYTES = 5 << 20
 
 
 class Aborted(Exception):
