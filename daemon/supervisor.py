@@ -279,10 +279,7 @@ class Supervisor:
         # Observe first, in an order that keeps causality: a worker's last report is read
         # before its exit; stop requests are seen before an exit so we never restart then.
         self._drain_socket()
-        while self._signals:
-            self._on_signal(self._signals.popleft())
-        while self._posted:
-            self._on_posted(self._posted.popleft())
+        self._handle_requests()
         if self.worker is not None:
             status = self.worker.poll()
             if status is not None:
@@ -294,6 +291,13 @@ class Supervisor:
         if self.exit_code is None:
             self._on_timers(self.clock.monotonic())
         self._flush_state()
+
+    def _handle_requests(self) -> None:
+        """Act on recorded signals and posted events (stop, checkpoint, notices)."""
+        while self._signals:
+            self._on_signal(self._signals.popleft())
+        while self._posted:
+            self._on_posted(self._posted.popleft())
 
     def _drain_socket(self) -> None:
         if self._socket is None:
@@ -585,6 +589,11 @@ class Supervisor:
     def _start_worker(self) -> None:
         for comp in self.components:
             self._call(comp, "before_worker_start", str(self.checkpoint_dir))
+        # A hook may have taken long (e.g. fetching a remote checkpoint): a stop asked for
+        # meanwhile wins over starting a worker only to stop it again.
+        self._handle_requests()
+        if self.exit_code is not None:
+            return
         self._remove_stale_temps()
         newest = contract.newest_valid(self.checkpoint_dir, checksums=False)
         resume = str(newest[0].path) if newest else ""

@@ -338,3 +338,21 @@ def test_report_sent_just_before_death_is_not_missed(tmp_path: Path) -> None:
     assert stopped["confirmed"] is True and stopped["confirmed_by"] == "report", stopped
     assert code == contract.EXIT_OK
     assert [r.step for r in comp.hooks("on_final_checkpoint")] == [5]
+
+
+def test_stop_during_slow_before_worker_start_starts_no_worker(tmp_path: Path) -> None:
+    class SlowFetch(Scripted):
+        def before_worker_start(self, checkpoint_dir: str) -> None:
+            super().before_worker_start(checkpoint_dir)
+            assert self.sup is not None
+            self.sup.post(Notice("aws", NoticeKind.STOP))  # arrives while the "fetch" runs
+            time.sleep(0.2)
+
+    comp = SlowFetch(lambda c, post: None)
+    spawner = StuckSpawner()
+    sup = Supervisor(make_cfg(tmp_path, ["unused"]), components=[comp], spawner=spawner, guard=False)
+    comp.sup = sup
+    code, logs = run(sup)
+    assert code == contract.EXIT_UNCONFIRMED
+    assert spawner.started == []
+    assert "worker.started" not in [e["event"] for e in logs]
