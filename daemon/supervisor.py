@@ -622,7 +622,7 @@ class Supervisor:
         elif self._install_signals and signal.SIGCHLD not in self._old_handlers:
             # No pidfd (old kernel): SIGCHLD through the wake-up fd wakes the loop instead.
             self._old_handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._record_nothing)
-        self._progress_mark = (self._worker_started, self.step)
+        self._progress_mark = (self._worker_started, None)  # a resumed worker may restart lower
         self._next_progress = self._worker_started + self.cfg.daemon.progress_interval_seconds
         self.lifecycle.move(State.RUNNING, pid=worker.pid, restart=self.restarts, resume=resume,
                             resume_step=newest[0].step if newest else None, command=cmd)
