@@ -351,6 +351,8 @@ def load(path: str | Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    except RecursionError:  # tomllib recurses per nesting level ("a = [[[[...")
+        raise ConfigError(f"{path}: invalid TOML: nested too deeply") from None
     try:
         return from_mapping(data, source=str(path))
     except RecursionError:

@@ -184,3 +184,9 @@ def test_fuzz_load_bytes_never_tracebacks(data: bytes) -> None:
         assert str(exc)
     finally:
         Path(f.name).unlink()
+
+
+@pytest.mark.parametrize("text", ["a = " + "[" * 100_000, "a = " + "{b=" * 5_000])
+def test_deep_nesting_is_a_clear_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(ConfigError, match="nested too deeply"):
+        load_text(tmp_path, text)
