@@ -160,7 +160,10 @@ def cmd_run(args: argparse.Namespace, command: list[str] | None) -> int:
     config_mod.require_command(cfg)
     dlogging.configure(cfg.daemon.log_level, cfg.daemon.log_format)
     clock = SystemClock()
-    components = build_components(cfg, clock)
+    try:
+        components = build_components(cfg, clock)
+    except OSError as exc:  # e.g. a component cannot open what its config names
+        raise ConfigError(f"cannot set up the daemon's components: {exc}") from None
     # worker.warm_standby: a spare worker with the framework imported takes over after a crash.
     supervisor = Supervisor(cfg, components=components, clock=clock, spawner_factory=spawner_factory(cfg))
     try:

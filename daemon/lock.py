@@ -11,6 +11,8 @@ import fcntl
 import os
 from pathlib import Path
 
+from daemon.config import ConfigError
+
 LOCK_NAME = "lock"
 
 
@@ -27,7 +29,11 @@ class StateDirLock:
 
     def acquire(self) -> None:
         """Take the lock or raise AlreadyRunning naming the holder."""
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ConfigError(f"daemon.state_dir: cannot open lock file {self.path}: "
+                              f"{exc.strerror or exc}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
