@@ -236,6 +236,11 @@ def test_checkpoint_cli_and_status(tmp_path: Path, daemons, capsys) -> None:
 
     d = daemons(tmp_path, worker_cmd("well_behaved"))
     d.wait_for("worker.hello")
+    import stat
+
+    sock = (d.state_dir / "worker.sock").stat()
+    assert stat.S_ISSOCK(sock.st_mode) and stat.S_IMODE(sock.st_mode) == 0o600
+    assert stat.S_IMODE(d.state_dir.stat().st_mode) == 0o700
     code, out, err = cli("checkpoint", "--state-dir", str(d.state_dir), "--wait", "10")
     assert code == 0, err
     assert "checkpoint committed" in out
@@ -280,6 +285,10 @@ def test_no_process_outlives_the_daemon(tmp_path: Path, daemons, how: str) -> No
     rec = d.worker_log_lines()[0]
     worker, grandchild = rec["pid"], rec["grandchild"]
     assert pid_alive(worker) and pid_alive(grandchild)
+    # Own session and process group, apart from the daemon's (Ctrl-C reaches the daemon only).
+    assert os.getpgid(worker) == worker == os.getsid(worker)
+    assert os.getpgid(grandchild) == worker
+    assert os.getpgid(d.proc.pid) != worker
     if how == "sigterm":
         d.signal(signal.SIGTERM)
     elif how == "sigkill":
