@@ -84,6 +84,9 @@ def run_preemption(tmp_path: Path, provider: str, command: list[str],
             assert took["stopped"] < WINDOW[provider], took
             state = d.state()
             assert state["state"] == "stopped" and state["notices"][0]["source"] == provider
+            mine = state[f"notices.{provider}"]
+            assert mine["source"] == provider and mine["notices"][0]["kind"] == "stop"
+            assert mine["window_seconds"] == WINDOW[provider] and "save_fits" in mine
             if isinstance(fake, FakeAzure):
                 # The event was approved once the final checkpoint was durable.
                 assert fake.acknowledged and fake.events[0]["EventStatus"] == "Started"
@@ -108,5 +111,5 @@ def test_preemption_with_a_plain_worker(tmp_path: Path, provider: str) -> None:
 ])
 def test_preemption_with_the_tensorflow_example(tmp_path: Path, provider: str) -> None:
     took = run_preemption(tmp_path, provider, TF_WORKER, env={"EXAMPLE_STEP_DELAY": "0.01"},
-                          start_timeout=120)
+                          start_timeout=240)
     assert took["committed"] < WINDOW[provider], took
