@@ -350,7 +350,8 @@ def test_thread_reacts_to_filesystem_events(dirs: tuple[Path, Path], observer: s
     finally:
         guard.stop()
     assert steps_in(ckpt) == [2, 3, 4]
-    assert reaction < (1.0 if observer == "inotify" else 4.0), reaction  # polling: 1 s scans
+    # generous (a loaded CI box); the timer alone would take 60 s. bench_disk has the real numbers
+    assert reaction < (3.0 if observer == "inotify" else 6.0), reaction  # polling: 1 s scans
     assert guard.status()["observer"] == observer
 
 

@@ -136,7 +136,7 @@ def test_prunes_in_order_keeps_newest_and_foreign(volume: Path) -> None:
     contract.verify(ckpt / contract.checkpoint_dirname(600))
     assert zlib.crc32(foreign.read_bytes()) == foreign_crc
     assert [e["path"] for e in logs if e["event"] == "disk.foreign_entry"] == [str(foreign)]
-    assert reaction < 2.0, f"reaction {reaction:.3f} s"
+    assert reaction < 3.0, f"reaction {reaction:.3f} s"  # generous; the timer would take 30 s
     assert time.monotonic() - t0 < 10
     assert guard.status()["pruned_count"] == 2
 
