@@ -94,8 +94,9 @@ class _KeyWatch:
         if self._etag is None:
             resp = self._client.request("GET", self._path, REQUEST_HEADERS, timeout=self._request_timeout)
         else:
+            timeout_sec = max(1, round(self._long_poll))  # the server takes whole seconds
             query = urllib.parse.urlencode(
-                {"wait_for_change": "true", "last_etag": self._etag, "timeout_sec": int(self._long_poll)}
+                {"wait_for_change": "true", "last_etag": self._etag, "timeout_sec": timeout_sec}
             )
             resp = self._client.request(
                 "GET", f"{self._path}?{query}", REQUEST_HEADERS,
