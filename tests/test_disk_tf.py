@@ -67,7 +67,7 @@ def test_real_tf_save_hits_enospc_guard_prunes_next_save_succeeds(volume: Path) 
     contract.verify(newest)
 
     guard = DiskGuard(ckpt_dir, state, DiskConfig(warn_percent=98, prune_percent=99.9, margin=1.0),
-                      SystemClock())
+                      SystemClock(), background_checks=False)  # one synchronous check below
     guard.on_checkpoint_failed(CheckpointFailure(4, "requested", error))  # relayed by the supervisor
     guard.evaluate()
     assert [e.step for e in contract.scan(ckpt_dir)] == [3]
