@@ -238,3 +238,12 @@ def test_missing_extra_is_a_config_error_naming_the_package(tmp_path: Path) -> N
                       f"sys.exit(main(['run', '--config', {str(cfg)!r}]))")
         assert out.returncode == 78, (out.stdout, out.stderr)
         assert named in out.stderr and "Traceback" not in out.stderr
+
+
+def test_gs_url_without_gcsfs_names_the_package() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("gcsfs") is not None:
+        pytest.skip("gcsfs is installed here; the missing-package path cannot be shown for gs://")
+    with pytest.raises(ConfigError, match=r"remote.url: gs:// needs the optional package 'gcsfs'"):
+        open_store(RemoteConfig(url="gs://bucket/run"))

@@ -185,9 +185,11 @@ def _missing_package(protocol: str, exc: ImportError) -> ConfigError:
 
     impl = known_implementations.get(protocol, {}).get("class", "")
     package = impl.split(".")[0] if impl else (exc.name or "?")
+    hint = {"s3fs": "pip install 'preemptd[remote]'", "gcsfs": "pip install 'preemptd[gcs]'"}.get(
+        package, f"pip install {package}")
     return ConfigError(
         f"remote.url: {protocol}:// needs the optional package {package!r}, which is not "
-        f"installed (pip install 'preemptd[remote]' or pip install {package})"
+        f"installed ({hint})"
     )
 
 
