@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 import tensorflow as tf
-from tensorflow.python.checkpoint import trackable_view
+from tensorflow.python.checkpoint import saveable_compat, trackable_view
 from tensorflow.python.data.ops import iterator_ops
 from tensorflow.python.eager import context
 from tensorflow.python.trackable import base as trackable_base
@@ -106,6 +106,11 @@ class Snapshotter:
             frozen = self._map.get(obj)
             if frozen is None:
                 frozen = self._map[obj] = _FrozenIterator()
+                # Same checkpoint key as the iterator itself writes ("ITERATOR_STATE"),
+                # or a restore into a real iterator would not find it.
+                legacy = saveable_compat.get_saveable_name(obj)
+                if legacy is not None:
+                    saveable_compat.legacy_saveable_name(legacy)(frozen)
             frozen.tensors = obj._serialize_to_tensors()
         elif self._keras_variable is not None and isinstance(obj, self._keras_variable):
             inner = obj.value
