@@ -259,15 +259,18 @@ class Campaign:
                         f.write(block)
                 except OSError:
                     pass
-        hold = self.rng.uniform(0.5, 2.0)
-        end = time.monotonic() + 20
-        # Hold the disk full until a save has run into it (or the worker died of it).
+        hold = self.rng.uniform(0.2, 1.0)
+        skipped_before = self.ledger.skipped_saves
+        end = time.monotonic() + 5 + self.s.every_steps * self.s.step_delay * 2
+        # Hold the disk full until a save has run into it, the disk guard has told the worker
+        # to skip periodic saves, or the worker died of it (bounded: training goes on meanwhile).
         while time.monotonic() < end and self.ledger.failed_saves == failed_before \
-                and self.ledger.current()[0] == n_inc:
+                and self.ledger.skipped_saves == skipped_before and self.ledger.current()[0] == n_inc:
             time.sleep(0.01)
         time.sleep(hold)
         filler.unlink()
-        rec.detail = f"{self.ledger.failed_saves - failed_before} saves failed; freed after +{hold:.1f}s"
+        rec.detail = (f"{self.ledger.failed_saves - failed_before} saves failed, "
+                      f"{self.ledger.skipped_saves - skipped_before} skipped; freed after +{hold:.1f}s")
 
     def _intact(self) -> list[contract.Entry]:
         """Committed checkpoints that verify and that we have not damaged, oldest first."""
@@ -451,7 +454,7 @@ def summary(r: Result) -> str:
     lost_total = sum(f.lost or 0 for f in r.faults)
     lines.append(f"  restarts: {n_inc - 1} worker starts after the first, "
                  f"{r.daemon_starts - 1} daemon restarts; "
-                 f"failed saves (disk full): {r.ledger.failed_saves}")
+                 f"disk full: {r.ledger.failed_saves} saves failed, {r.ledger.skipped_saves} skipped")
     lines.append(f"  steps lost: {lost_total} in all, {lost_total / max(1, len(r.faults)):.2f} per fault; "
                  f"noticed preemptions/SIGTERM: "
                  f"{sum(f.lost or 0 for f in r.faults if f.kind in NOTICED)} lost over "

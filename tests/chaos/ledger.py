@@ -54,6 +54,7 @@ class Ledger:
     committed: dict[int, str] = field(default_factory=dict)  # step -> path, intact as far as we know
     corrupted: set[int] = field(default_factory=set)
     failed_saves: int = 0
+    skipped_saves: int = 0  # periodic saves the disk guard told the worker to skip
     digest: str | None = None
     t_finished: float | None = None
     worker_pid: int | None = None
@@ -107,6 +108,8 @@ class Ledger:
                 self.corrupted.discard(step)
             elif name == "checkpoint.failed":
                 self.failed_saves += 1
+            elif name == "checkpoint.skipped" and ev.get("reason") == "periodic":
+                self.skipped_saves += 1
             elif name == "train.finished":
                 self.digest = str(ev["weights_sha256"])
                 self.t_finished = ev["_t"]
