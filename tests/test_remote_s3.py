@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import uuid
 import zlib
@@ -241,6 +242,26 @@ def test_damaged_local_checkpoint_is_never_committed_remotely(env: Env) -> None:
     assert failed[0]["retry"] is False and "checksum" in failed[0]["error"]
     assert not env.committed_remote(100)
     assert m.status()["last_error"]["step"] == 100
+
+
+def test_bandwidth_limit_bounds_periodic_uploads_and_uploader_is_niced(env: Env) -> None:
+    size = 4 * MiB
+    with capture_logs() as logs:
+        m = env.mirror(bandwidth_mbps=2)
+        uploader = [t for t in threading.enumerate() if t.name == "preemptd-remote"][-1]
+        assert uploader.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, uploader.native_id) >= os.getpriority(os.PRIO_PROCESS, 0) + 5
+        path = make_checkpoint(env.ckpt, 100, {"a.data": size})
+        t0 = time.monotonic()
+        m.on_checkpoint(report(path))
+        mid = wait_until(lambda: (m.status()["uploading"] or {}).get("percent"))
+        assert 0 < mid <= 100 and "uploading step 100" in m.status()["summary"]
+        up = wait_until(lambda: events(logs, "remote.uploaded"))[0]
+        elapsed = time.monotonic() - t0
+    # 2 MB/s with a 1 MB burst: at least (4.19 - 1) / 2 = 1.6 s.
+    assert elapsed >= 1.4 and up["seconds"] >= 1.4
+    assert up["mbps"] <= 2 * 1.1 + 1.0 / up["seconds"]
+    assert "last step 100" in m.status()["summary"]
 
 
 # ------------------------------------------------------------------ failures

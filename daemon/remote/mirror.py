@@ -236,7 +236,26 @@ class RemoteMirror(Component):
                 "last_error": self._last_error,
                 "final": self._final,
                 "fetched": self._fetched,
+                "summary": self._summary(now, uploading),
             }
+
+    def _summary(self, now: float, uploading: dict[str, Any] | None) -> str:
+        """One line for people (lock held)."""
+        parts = [self._store.display_url]
+        if self._last_commit is not None:
+            age = max(0.0, self._clock.wall() - self._last_commit["at"])
+            parts.append(f"last step {self._last_commit['step']} ({age:.0f} s ago)")
+        else:
+            parts.append("nothing uploaded yet")
+        if uploading is not None:
+            pct = uploading["percent"]
+            parts.append(f"uploading step {uploading['step']}" + (f" {pct:.0f}%" if pct is not None else ""))
+        if len(self._queue):
+            parts.append(f"{len(self._queue)} queued")
+        if self._last_error is not None and (self._last_commit is None
+                                             or self._last_error["at"] > self._last_commit["at"]):
+            parts.append(f"last error: {self._last_error['error'][:120]}")
+        return "; ".join(parts)
 
     # ------------------------------------------------------------------ queue helpers (lock held)
 
