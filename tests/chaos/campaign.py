@@ -58,6 +58,7 @@ class Settings:
     step_delay: float = 0.02
     kinds: tuple[str, ...] = KINDS
     plan: tuple[str, ...] = ()  # fixed sequence of kinds (overrides random choice)
+    warm_standby: bool = False  # run the worker through the warm standby (worker.warm_standby)
     parallel_baseline: bool = False  # run the uninterrupted reference at the same time (short runs)
     tmpfs_mib: int = 48
     workdir: Path | None = None
@@ -135,6 +136,7 @@ class Campaign:
             "command = [" + ", ".join(f'"{a}"' for a in cmd) + "]",
             f'cwd = "{Path(__file__).resolve().parents[2]}"',
             "env = {" + ", ".join(f'{k} = "{v}"' for k, v in env.items()) + "}",
+            f"warm_standby = {'true' if self.s.warm_standby else 'false'}",
             "[checkpoint]",
             f'dir = "{self.ckpt}"',
             f"every_steps = {self.s.every_steps}",
@@ -434,7 +436,8 @@ def check(r: Result, planned: int) -> list[str]:
 def summary(r: Result) -> str:
     """Faults per kind, restarts, steps lost per fault, recovery and total overhead, as text."""
     lines = [f"chaos campaign: seed {r.settings.seed}, {len(r.faults)} faults, {r.settings.steps} steps, "
-             f"checkpoint every {r.settings.every_steps} steps"]
+             f"checkpoint every {r.settings.every_steps} steps"
+             + (", warm standby on" if r.settings.warm_standby else "")]
     for kind, why in r.skipped.items():
         lines.append(f"  skipped kind {kind}: {why}")
     by_kind: dict[str, list[FaultRecord]] = {}
@@ -477,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--every-steps", type=int, default=5)
     p.add_argument("--step-delay", type=float, default=0.02)
     p.add_argument("--kinds", default=",".join(KINDS), help="comma-separated subset of: " + ", ".join(KINDS))
+    p.add_argument("--warm-standby", action="store_true", help="worker.warm_standby = true")
     p.add_argument("--workdir", default=None,
                    help="keep everything here (default: a temp dir, removed on success)")
     a = p.parse_args(argv)
@@ -486,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unknown kind(s): {', '.join(bad)}")
     seed = a.seed if a.seed is not None else random.SystemRandom().randrange(1 << 31)
     s = Settings(faults=a.faults, seed=seed, gap=a.gap, every_steps=a.every_steps, step_delay=a.step_delay,
-                 kinds=kinds, workdir=Path(a.workdir) if a.workdir else None)
+                 kinds=kinds, warm_standby=a.warm_standby, workdir=Path(a.workdir) if a.workdir else None)
     result = Campaign(s).run()
     print(summary(result), flush=True)
     return 0 if result.ok else 1
