@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from daemon import contract
 from tests.chaos.procs import PY, LoggedProcess, base_env, training_command
 
@@ -96,6 +98,17 @@ class _Daemon:
                 raise RuntimeError(f"the warm standby never became ready; see {self.work / 'stderr'}")
             time.sleep(0.05)
 
+    def rss_mib(self) -> tuple[float, float] | None:
+        """(standby RSS, worker RSS) in MiB, while the standby waits and the worker trains."""
+        started = [e for e in self.proc.events if e["event"] == "standby.started"]
+        if not started:
+            return None
+        try:
+            return (psutil.Process(int(started[-1]["pid"])).memory_info().rss / 2**20,
+                    psutil.Process(self.worker_pid()).memory_info().rss / 2**20)
+        except psutil.Error:
+            return None
+
     def crash(self) -> float:
         """SIGKILL the worker; seconds until the next worker's first step after its restore."""
         self.wait_step(0)
@@ -136,6 +149,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     crash: list[float] = []
     standby: list[float] = []
     misses = 0
+    rss: tuple[float, float] | None = None
     try:
         plain = _Daemon(work / "plain", standby=False)
         warm = _Daemon(work / "warm", standby=True)
@@ -143,6 +157,8 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
         warm.wait_checkpoint()
         for n in range(rounds):
             warm.wait_standby_ready()  # no standby import running during the measurements
+            if rss is None:
+                rss = warm.rss_mib()
             if n % 2 == 0:  # alternate the order: drift in the machine's load cancels out
                 cold.append(_cold(work, plain.ckpt, n))
                 crash.append(plain.crash())
@@ -170,6 +186,9 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
         _row("crash -> first step, preemptd, max", max(crash), "s", "cold start, max", max(cold), "-"),
         _row("crash -> first step, warm standby, max", max(standby), "s", "cold start, max", max(cold), "-"),
     ]
+    if rss is not None:
+        rows.append(_row("warm standby RSS while waiting (TF + Keras imported)", rss[0], "MiB",
+                         "the training worker's RSS", rss[1], "-"))
     return rows
 
 
