@@ -190,6 +190,21 @@ def test_already_uploaded_checkpoint_is_not_sent_again(env: Env) -> None:
     assert not [p for meth, p in env.s3.requests if meth == "PUT"]
 
 
+def test_committed_remote_folder_missing_a_file_is_repaired(env: Env) -> None:
+    path = make_checkpoint(env.ckpt, 100)
+    with capture_logs() as logs:
+        m = env.mirror()
+        m.on_checkpoint(report(path))
+        wait_until(lambda: events(logs, "remote.uploaded"))
+        m.stop()
+        env.s3.client().delete_object(Bucket=env.bucket, Key="run/ckpt-000000000100/ckpt.index")
+        env.mirror()  # the restarted daemon checks its newest checkpoint against the remote
+        wait_until(lambda: len(events(logs, "remote.uploaded")) >= 2)
+    again = events(logs, "remote.uploaded")[-1]
+    assert again["already"] is False and again["files"] >= 1
+    assert "run/ckpt-000000000100/ckpt.index" in env.remote_keys(100)
+
+
 def test_same_step_new_content_is_uncommitted_before_rewrite(env: Env) -> None:
     first = make_checkpoint(env.ckpt, 100, seed=1)
     with capture_logs() as logs:

@@ -30,7 +30,7 @@ from daemon.remote.upload import CHUNK_BYTES, Aborted, Permanent, Transfer, Uplo
 
 log = structlog.get_logger()
 
-UPLOADER_NICE = 10  # the uploader thread yields the CPU to training
+UPLOADER_NICE = 10  # added to the daemon's niceness: the uploader yields the CPU to training
 _MAX_REMEMBERED = 64  # committed steps remembered for the stop path's question
 
 
@@ -477,8 +477,12 @@ def _trim(d: dict[int, Any]) -> None:
 
 
 def _lower_priority() -> None:
-    """Nice the calling thread (Linux: per thread) so uploads yield the CPU to training."""
+    """Nice the calling thread (Linux: per thread) so uploads yield the CPU to training.
+
+    Relative to the daemon's own niceness, so it never raises a priority.
+    """
     try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), UPLOADER_NICE)
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + UPLOADER_NICE))
     except (AttributeError, OSError) as exc:
         log.debug("remote.nice_failed", error=str(exc))

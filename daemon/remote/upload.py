@@ -91,12 +91,13 @@ def upload_checkpoint(store: RemoteStore, job: Job, journal: Journal, transfer: 
 
     remote = store.checkpoint(name)
     if remote is not None and remote.committed:
-        if store.read_bytes(name, contract.MANIFEST_NAME) == manifest_bytes:
+        intact = all(remote.files.get(rel) == meta["size"] for rel, meta in manifest.files.items())
+        if intact and store.read_bytes(name, contract.MANIFEST_NAME) == manifest_bytes:
             transfer.on_progress(total, total)
             return UploadResult(manifest.step, name, 0, total, 0, len(manifest.files), True,
                                 time.monotonic() - started)
-        # Same step, other content (training went back and came here again): un-commit
-        # before touching a file, so no reader ever sees a mix.
+        # Same step, other content (training went back and came here again) or a file
+        # lost remotely: un-commit before touching a file, so no reader ever sees a mix.
         store.uncommit(name)
 
     sent_before = journal.sent_files(manifest.step)
