@@ -247,3 +247,41 @@ def test_gs_url_without_gcsfs_names_the_package() -> None:
         pytest.skip("gcsfs is installed here; the missing-package path cannot be shown for gs://")
     with pytest.raises(ConfigError, match=r"remote.url: gs:// needs the optional package 'gcsfs'"):
         open_store(RemoteConfig(url="gs://bucket/run"))
+
+
+def test_any_fsspec_url_works_file_url_round_trip(tmp_path: Path) -> None:
+    """The mirror is not S3-specific: a file:// remote (e.g. an NFS mount) uploads and fetches."""
+    import time
+    import zlib
+
+    from daemon import contract
+    from daemon.components import CheckpointReport
+    from daemon.remote.mirror import RemoteMirror
+
+    ckpt = tmp_path / "ckpt"
+    folder = ckpt / contract.checkpoint_dirname(7)
+    folder.mkdir(parents=True)
+    data = b"weights" * 1000
+    (folder / "sub").mkdir()
+    (folder / "sub" / "w.bin").write_bytes(data)
+    manifest = contract.Manifest(step=7, reason="periodic", created="2026-11-25T12:00:00Z",
+                                 files={"sub/w.bin": {"size": len(data), "crc32": zlib.crc32(data)}})
+    contract.write_json_atomic(folder / contract.MANIFEST_NAME, manifest.to_json())
+    cfg = RemoteConfig(url=f"file://{tmp_path}/remote/run", bandwidth_mbps=10)
+    with capture_logs() as logs:
+        m = RemoteMirror(cfg, checkpoint_dir=str(ckpt), state_dir=str(tmp_path / "state"), grace_seconds=5)
+        m.start(lambda e: None)
+        m.on_checkpoint(CheckpointReport(7, str(folder), len(data), 0.1, "periodic"))
+        end = time.monotonic() + 20
+        while not [e for e in logs if e["event"] == "remote.uploaded"] and time.monotonic() < end:
+            time.sleep(0.02)
+        m.stop()
+    remote = tmp_path / "remote" / "run" / contract.checkpoint_dirname(7)
+    assert (remote / "sub" / "w.bin").read_bytes() == data
+    assert (remote / contract.MANIFEST_NAME).read_bytes() == (folder / contract.MANIFEST_NAME).read_bytes()
+    new_vm = tmp_path / "new-vm"
+    with capture_logs() as logs:
+        RemoteMirror(cfg, checkpoint_dir=str(new_vm), state_dir=None, grace_seconds=5).before_worker_start(
+            str(new_vm))
+    assert [e["event"] for e in logs] == ["remote.fetched"]
+    assert contract.verify(new_vm / contract.checkpoint_dirname(7)).step == 7
