@@ -87,7 +87,8 @@ def run_module(name: str, quick: bool) -> tuple[list[dict[str, Any]], float]:
     return out, time.monotonic() - started
 
 
-_TARGET_RE = re.compile(r"^\s*(ratio|value)?\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*([A-Za-z%]*)")
+# "<= 1.05", "<= 50 ms", "<= 40 MB (supervisord ~25 MB)"; anything more complex is not judged.
+_TARGET_RE = re.compile(r"^\s*(ratio|value)?\s*(<=|>=|<|>)\s*([0-9.eE+-]+)\s*([A-Za-z%]*)\s*(?:\(.*)?$")
 
 
 def meets(row: dict[str, Any]) -> str:
