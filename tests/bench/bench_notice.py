@@ -86,7 +86,11 @@ def _daemon_run(tmp: Path, provider: str) -> dict[str, float]:
             _flip(fake, True)
             d.wait(timeout=120)
             notice = d.events("preemption.notice")[0]
-            committed = [e for e in d.events("checkpoint.committed") if e["reason"] == "preemption"][-1]
+            saves = [e for e in d.events("checkpoint.committed") if e["reason"] == "preemption"]
+            if not saves:
+                seen = [(e["event"], e.get("reason"), e.get("exit_code")) for e in d.events()]
+                raise RuntimeError(f"{provider}: no preemption checkpoint; events: {seen}")
+            committed = saves[-1]
             stopped = d.events("daemon.stopped")[0]
             return {
                 "notice": _ts(notice["timestamp"]) - flipped,
