@@ -1,16 +1,17 @@
 """Pattern 2: Keras `model.fit` with a preemption-aware checkpoint callback.
 
     cb = service.keras.PreemptibleCheckpoint(every_batches=100)
-    model.fit(cb.resumable(lambda epoch: make_dataset(seed=epoch)), epochs=5, callbacks=[cb])
+    data = cb.resumable(lambda epoch: make_dataset(shuffle_seed=epoch), epochs=5)
+    model.fit(data, epochs=5, steps_per_epoch=cb.steps_per_epoch, callbacks=[cb])
 
 The callback restores the model and optimizer at the start of `fit`, resumes at
 the saved epoch, saves by batches and/or seconds through a CheckpointManager
 (so SIGUSR1 / SIGTERM and the daemon's policy apply), and saves a final checkpoint
-at the end. Mid-epoch resume: the dataset wrapped with `cb.resumable(...)` skips
-the batches of the interrupted epoch that were already trained; pass a function
-of the epoch (e.g. a shuffle seeded with it) so every epoch's order is the same
-after a restart. A plain dataset still resumes at the right epoch, but re-trains
-the batches of the interrupted epoch.
+at the end. Mid-epoch resume: `cb.resumable(...)` turns the epochs into one stream
+that a resumed run enters at the exact batch it stopped after; pass a function of
+the epoch (e.g. a shuffle seeded with it) so every epoch's order is the same after
+a restart. A plain dataset still resumes at the right epoch, but re-trains the
+batches of the interrupted epoch.
 """
 
 from __future__ import annotations
@@ -59,34 +60,54 @@ class PreemptibleCheckpoint(keras.callbacks.Callback):
         self._checksums = checksums
         self._trackables = trackables
         self.manager: CheckpointManager | None = None
-        # Read by the dataset of `resumable()` each time Keras starts an epoch's iterator.
-        self._epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="preemptd_epoch")
+        # Read by the dataset of `resumable()` when Keras starts iterating.
         self._skip_var = tf.Variable(0, dtype=tf.int64, trainable=False, name="preemptd_skip")
         self._batches_per_epoch: int | None = None
+        self._total = 0
         self._wrapped = False
         self._epoch = 0
-        self._skipped = 0  # batches of the current epoch trained before the restart
-        self._seen = 0  # batches of the current epoch seen in this process
+        self._seen = 0  # batches of the current Keras epoch seen in this process
         self._step = 0  # batches trained in total
 
     # -------------------------------------------------------------- dataset
 
-    def resumable(self, data: tf.data.Dataset | DatasetFn) -> tf.data.Dataset:
-        """A dataset that resumes mid-epoch: skips the batches already trained in that epoch.
+    def resumable(self, data: tf.data.Dataset | DatasetFn, epochs: int) -> tf.data.Dataset:
+        """All `epochs` of `data` as one stream that a resumed `fit` picks up at the saved batch.
 
-        `data` is a batched dataset, or a function of the epoch (an int64 scalar
-        tensor) returning one, for an epoch order that does not depend on restarts.
+        `data` is a batched dataset of known length, or a function of the epoch (an
+        int64 scalar tensor) returning one (e.g. shuffled with the epoch as seed), so
+        every epoch's order is the same after a restart. Use it with
+        `fit(..., epochs=epochs, steps_per_epoch=callback.steps_per_epoch)`. The
+        stream is positioned when Keras creates its iterator (after the restore in
+        on_train_begin); training stops after exactly `epochs` epochs of batches.
+        After a mid-epoch resume, Keras' epoch boundaries are shifted by the batches
+        already done (only epoch-level callbacks see that; the batches are the same).
         """
         make: DatasetFn = data if callable(data) else (lambda epoch: data)
-        probe = make(tf.constant(0, tf.int64))
-        cardinality = int(probe.cardinality().numpy())
-        self._batches_per_epoch = cardinality if cardinality >= 0 else None
+        per_epoch = int(make(tf.constant(0, tf.int64)).cardinality().numpy())
+        if per_epoch < 0:
+            raise ValueError(
+                "resumable() needs a finite dataset whose number of batches is known "
+                f"(cardinality {per_epoch}); use drop_remainder batching or assert_cardinality"
+            )
+        self._batches_per_epoch = per_epoch
+        self._total = per_epoch * epochs
         self._wrapped = True
-        epoch_var, skip_var = self._epoch_var, self._skip_var
-        # flat_map's function runs once per iterator, i.e. at the start of every epoch.
-        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(
-            lambda _: make(epoch_var.read_value()).skip(skip_var.read_value())
-        )
+        position = self._skip_var  # batches already trained, read when Keras starts iterating
+
+        def stream(_: tf.Tensor) -> tf.data.Dataset:
+            done = position.read_value()
+            first = done // per_epoch
+            return tf.data.Dataset.range(first, epochs).flat_map(
+                lambda epoch: make(epoch).skip(tf.where(epoch == first, done % per_epoch, 0))
+            )
+
+        return tf.data.Dataset.from_tensors(tf.constant(0, tf.int64)).flat_map(stream)
+
+    @property
+    def steps_per_epoch(self) -> int | None:
+        """Batches per epoch of the dataset given to resumable() (None before)."""
+        return self._batches_per_epoch
 
     # ------------------------------------------------------------- callbacks
 
@@ -99,28 +120,32 @@ class PreemptibleCheckpoint(keras.callbacks.Callback):
         self.manager = CheckpointManager(ckpt, self._directory, checksums=self._checksums, **self._policy)
         self._step = self.manager.restore_or_initialize()
         extra = self.manager.restored_extra
-        self._epoch = int(extra.get("epoch", 0))
-        self._skipped = int(extra.get("batch", 0)) if self._wrapped else 0
+        if self._wrapped and self._batches_per_epoch:
+            self._epoch = self._step // self._batches_per_epoch
+        else:
+            self._epoch = int(extra.get("epoch", 0))
+        self._skip_var.assign(self._step if self._wrapped else 0)
         if self._step:
             # Keras reads this after on_train_begin (as its BackupAndRestore does).
             model._initial_epoch = self._epoch
-            log.info("keras.resumed", epoch=self._epoch, batch=int(extra.get("batch", 0)), step=self._step,
-                     skipping_batches=self._skipped)
+            log.info("keras.resumed", epoch=self._epoch, step=self._step,
+                     batch=int(extra.get("batch", 0)))
             if extra.get("batch") and not self._wrapped:
                 log.warning(
                     "keras.resume_epoch_start",
                     epoch=self._epoch,
                     why="dataset not wrapped with resumable(); the epoch restarts from its first batch",
                 )
-        self._skip_var.assign(self._skipped)
 
     def on_epoch_begin(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        if epoch != self._epoch:
-            self._skipped = 0
-            self._skip_var.assign(0)
         self._epoch = epoch
         self._seen = 0
-        self._epoch_var.assign(epoch)
+
+    def _position(self) -> dict[str, int]:
+        if self._wrapped and self._batches_per_epoch:
+            epoch, batch = divmod(self._step, self._batches_per_epoch)
+            return {"epoch": epoch, "batch": batch}
+        return {"epoch": self._epoch, "batch": self._seen}
 
     def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
         if self.manager is None:
@@ -128,22 +153,17 @@ class PreemptibleCheckpoint(keras.callbacks.Callback):
         seen = batch + 1  # Keras numbers batches from 0 within the epoch (end step with steps_per_execution)
         self._step += seen - self._seen
         self._seen = seen
-        done_in_epoch = self._skipped + seen
-        steps = self._batches_per_epoch or (self.params or {}).get("steps")
-        if steps and done_in_epoch >= steps:
-            position = {"epoch": self._epoch + 1, "batch": 0}
-        else:
-            position = {"epoch": self._epoch, "batch": done_in_epoch}
-        self.manager.step_done(self._step, extra=position)
+        if self._wrapped and self._total and self._step >= self._total:
+            self.model.stop_training = True
+        self.manager.step_done(self._step, extra=self._position())
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        done_in_epoch = self._skipped + self._seen
-        steps = self._batches_per_epoch or (self.params or {}).get("steps")
-        # An epoch cut short by stop_training is not complete: resume inside it.
-        complete = done_in_epoch >= steps if steps else not self.model.stop_training
-        self._skipped = 0
-        self._skip_var.assign(0)
-        if self.manager is not None and complete:
+        if self.manager is None or self._wrapped:
+            return
+        steps = (self.params or {}).get("steps")
+        # An epoch cut short by stop_training is not complete: resume at its start.
+        complete = self._seen >= steps if steps else not self.model.stop_training
+        if complete:
             # The next checkpoint resumes at the start of the next epoch.
             self.manager.step_done(self._step, extra={"epoch": epoch + 1, "batch": 0})
 

@@ -70,7 +70,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ckpt_cb = service.keras.PreemptibleCheckpoint(args.dir, every_batches=args.every_steps)
     stop_at = StopAt()
-    model.fit(ckpt_cb.resumable(epoch_data), epochs=epochs, verbose=0, callbacks=[ckpt_cb, stop_at])
+    model.fit(ckpt_cb.resumable(epoch_data, epochs=epochs), epochs=epochs,
+              steps_per_epoch=ckpt_cb.steps_per_epoch, verbose=0, callbacks=[ckpt_cb, stop_at])
     log.info("train.finished", step=stop_at.done, weights_sha256=weights_digest(model.weights))
     return 0
 

@@ -1,0 +1,245 @@
+"""Checkpoint costs of service.CheckpointManager, measured side by side with their anchors.
+
+    .venv/bin/python -m tests.bench.bench_checkpoint           # 100 MB and 1 GB
+    .venv/bin/python -m tests.bench.bench_checkpoint --quick   # 100 MB only
+
+Rows (median of a few repetitions, same files system, same run):
+- emergency save (request -> durable commit: TF write, fsync + crc32 of every file,
+  manifest, rename, parent fsync) / raw write+fsync of the same bytes. Target <= 1.3.
+- TF's synchronous write followed by fsync / raw write+fsync (the issue's reference point).
+- training-thread stall per periodic save (the snapshot in step_done plus the extra
+  time of the next update, which pays the copy-on-write) / TF's synchronous
+  tf.train.CheckpointManager.save(). Target <= 0.05.
+- restore (verify sizes and crc32, TF read) / raw read of the same bytes, both from
+  disk: the files' pages are dropped from the cache first (posix_fadvise DONTNEED).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+MB = 1 << 20
+CHUNK = 64 * MB
+
+
+def _row(name: str, value: float, unit: str, anchor: str, anchor_value: float | None, target: str) -> dict:
+    ratio = value / anchor_value if anchor_value else None
+    return {"name": name, "value": round(value, 4), "unit": unit, "anchor": anchor,
+            "anchor_value": None if anchor_value is None else round(anchor_value, 4),
+            "ratio": None if ratio is None else round(ratio, 3), "target": target}
+
+
+def _drop_cache(path: Path) -> None:
+    """Evict this file's (or folder's files') pages so the next read comes from disk."""
+    paths = [p for p in path.rglob("*") if p.is_file()] if path.is_dir() else [path]
+    for p in paths:
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def _settle() -> None:
+    os.sync()  # no dirty pages of an earlier measurement get flushed during the next one
+    time.sleep(0.2)
+
+
+def _raw_write_fsync(data: memoryview, path: Path) -> float:
+    _settle()
+    start = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        for off in range(0, len(data), CHUNK):
+            os.write(fd, data[off:off + CHUNK])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return time.perf_counter() - start
+
+
+def _raw_read(path: Path) -> float:
+    _drop_cache(path)
+    start = time.perf_counter()
+    with open(path, "rb", buffering=0) as f:
+        buf = bytearray(CHUNK)
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - start
+
+
+def _median(fn: Callable[[], float], reps: int) -> float:
+    return statistics.median(fn() for _ in range(reps))
+
+
+def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
+    import numpy as np
+    import tensorflow as tf
+
+    import service
+    from daemon import contract
+
+    rows: list[dict] = []
+    label = f"{size_mb} MB" if size_mb < 1024 else f"{size_mb // 1024} GB"
+    n_vars = 4
+    per_var = size_mb * MB // 4 // n_vars  # float32 elements per variable
+    rng = np.random.default_rng(0)
+    values = [rng.standard_normal(per_var, dtype=np.float32) for _ in range(n_vars)]
+    variables = [tf.Variable(v) for v in values]
+    deltas = [tf.fill(v.shape, 1e-3) for v in variables]
+    raw = memoryview(b"".join(v.tobytes() for v in values))
+    del values
+
+    def train_step() -> None:  # touches all the state, like an optimizer update
+        for var, d in zip(variables, deltas, strict=True):
+            var.assign_add(d)
+
+    ckpt = tf.train.Checkpoint(**{f"v{i}": v for i, v in enumerate(variables)})
+    raw_path = workdir / "raw.bin"
+    ckdir = workdir / "ckpts"
+
+    # -- emergency save vs raw write + fsync
+    raw_times, emergency_times, tf_fsync_times = [], [], []
+    step = 0
+    for _ in range(reps):
+        raw_times.append(_raw_write_fsync(raw, raw_path))
+        raw_path.unlink()
+        shutil.rmtree(ckdir, ignore_errors=True)
+        mgr = service.CheckpointManager(ckpt, ckdir, every_steps=0, every_seconds=0, keep=100,
+                                        handle_signals=False, environ={})
+        step += 1
+        train_step()
+        _settle()
+        start = time.perf_counter()
+        mgr.save(step, reason="preemption", wait=True)
+        emergency_times.append(time.perf_counter() - start)
+        mgr.close(final=False)
+        shutil.rmtree(ckdir)
+        # TF synchronous write, then fsync of what it wrote (no checksums, no manifest).
+        prefix = workdir / "tfsync" / "ckpt"
+        _settle()
+        start = time.perf_counter()
+        ckpt.write(str(prefix))
+        for p in prefix.parent.iterdir():
+            fd = os.open(p, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        contract.fsync_dir(prefix.parent)
+        tf_fsync_times.append(time.perf_counter() - start)
+        shutil.rmtree(prefix.parent)
+    raw_med = statistics.median(raw_times)
+    rows.append(_row(f"emergency save {label}", statistics.median(emergency_times), "s",
+                     "raw write+fsync", raw_med, "<= 1.3"))
+    rows.append(_row(f"TF write + fsync {label} (reference)", statistics.median(tf_fsync_times), "s",
+                     "raw write+fsync", raw_med, "(issue: 1.7-2.0)"))
+
+    # -- stall per periodic save vs TF's synchronous CheckpointManager.save()
+    shutil.rmtree(ckdir, ignore_errors=True)
+    mgr = service.CheckpointManager(ckpt, ckdir, every_steps=1, every_seconds=0, keep=2,
+                                    handle_signals=False, environ={})
+    plain = []
+    for _ in range(5):
+        start = time.perf_counter()
+        train_step()
+        plain.append(time.perf_counter() - start)
+    step_time = statistics.median(plain)
+    stalls, background = [], []
+    for _ in range(reps + 1):
+        step += 1
+        train_step()
+        _settle()
+        start = time.perf_counter()
+        mgr.step_done(step)  # due: snapshot here, write/fsync/commit in the background
+        snap = time.perf_counter() - start
+        start = time.perf_counter()
+        train_step()  # pays the copy-on-write of every variable
+        extra = max(0.0, (time.perf_counter() - start) - step_time)
+        stalls.append(snap + extra)
+        start = time.perf_counter()
+        mgr.wait()
+        background.append(time.perf_counter() - start)
+        step += 1  # the step above counts as one: keep step numbers increasing
+    stalls = stalls[1:]  # the first save also builds the snapshot's copies (one-off)
+    mgr.close(final=False)
+    shutil.rmtree(ckdir)
+    tf_dir = workdir / "tfmgr"
+    tf_mgr = tf.train.CheckpointManager(ckpt, str(tf_dir), max_to_keep=2)
+    tf_saves = []
+    for _ in range(reps):
+        train_step()
+        _settle()
+        start = time.perf_counter()
+        tf_mgr.save()
+        tf_saves.append(time.perf_counter() - start)
+    shutil.rmtree(tf_dir)
+    rows.append(_row(f"stall per periodic save {label}", statistics.median(stalls), "s",
+                     "TF CheckpointManager.save()", statistics.median(tf_saves), "<= 0.05"))
+
+    # -- restore vs raw read
+    shutil.rmtree(ckdir, ignore_errors=True)
+    mgr = service.CheckpointManager(ckpt, ckdir, every_steps=0, every_seconds=0, handle_signals=False,
+                                    environ={})
+    committed = mgr.save(step, reason="requested", wait=True)
+    mgr.close(final=False)
+    _raw_write_fsync(raw, raw_path)
+
+    def restore() -> float:
+        _drop_cache(committed)
+        m = service.CheckpointManager(ckpt, ckdir, handle_signals=False, environ={})
+        start = time.perf_counter()
+        assert m.restore_or_initialize() == step
+        elapsed = time.perf_counter() - start
+        m.close(final=False)
+        return elapsed
+
+    restore_med = _median(restore, reps)
+    read_med = _median(lambda: _raw_read(raw_path), reps)
+    rows.append(_row(f"restore {label} (verify crc32 + TF read, cold)", restore_med, "s",
+                     "raw read (cold)", read_med, "report"))
+    raw_path.unlink()
+    shutil.rmtree(ckdir)
+    return rows
+
+
+def measure(quick: bool = False) -> list[dict[str, Any]]:
+    """Rows for 100 MB (and 1 GB unless quick); see the module docstring."""
+    import structlog
+
+    # The manager logs every commit; keep the benchmark's output to its table.
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(30))
+    sizes = [100] if quick else [100, 1024]
+    rows: list[dict[str, Any]] = []
+    base = Path(os.environ.get("BENCH_DIR") or tempfile.gettempdir())
+    for size in sizes:
+        workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
+        try:
+            rows.extend(measure_size(size, reps=3, workdir=workdir))
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return rows
+
+
+def _print(rows: list[dict[str, Any]]) -> None:
+    header = f"{'name':<52} {'value':>9} {'anchor':<30} {'anchor_value':>12} {'ratio':>7}  target"
+    print(header)
+    print("-" * len(header))
+    for r in rows:
+        av = "" if r["anchor_value"] is None else f"{r['anchor_value']:.4f}"
+        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
+        value = f"{r['value']:>8.4f}{r['unit']}"
+        print(f"{r['name']:<52} {value} {r['anchor']:<30} {av:>12} {ratio:>7}  {r['target']}")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="100 MB only")
+    _print(measure(quick=parser.parse_args().quick))
