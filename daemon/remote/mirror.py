@@ -291,7 +291,23 @@ class RemoteMirror(Component):
 
     def _run(self) -> None:
         _lower_priority()
-        self._resume()
+        resumed = False
+        while True:
+            try:
+                if not resumed:
+                    resumed = True
+                    self._resume()
+                self._loop()
+                return
+            except Exception as exc:  # noqa: BLE001 - a mirror bug must not end uploads for good
+                log.error("remote.uploader_failed", error=repr(exc))
+                with self._cond:
+                    self._current = None
+                    self._last_error = {"step": None, "error": repr(exc), "at": self._clock.wall()}
+                if self._stop_event.wait(5.0):
+                    return
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 ops, self._journal_ops = self._journal_ops, []
