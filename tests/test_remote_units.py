@@ -285,3 +285,32 @@ def test_any_fsspec_url_works_file_url_round_trip(tmp_path: Path) -> None:
             str(new_vm))
     assert [e["event"] for e in logs] == ["remote.fetched"]
     assert contract.verify(new_vm / contract.checkpoint_dirname(7)).step == 7
+
+
+def test_stop_without_confirmed_final_waits_for_newest_pending_upload(tmp_path: Path) -> None:
+    import zlib
+
+    from daemon import contract
+    from daemon.components import CheckpointReport
+    from daemon.remote.mirror import RemoteMirror
+
+    ckpt = tmp_path / "ckpt"
+    cfg = RemoteConfig(url=f"file://{tmp_path}/remote", bandwidth_mbps=4, final_wait_seconds=20)
+    m = RemoteMirror(cfg, checkpoint_dir=str(ckpt), state_dir=None, grace_seconds=5)
+    with capture_logs() as logs:
+        m.on_final_checkpoint(None)  # nothing pending: nothing to wait for
+        m.start(lambda e: None)
+        folder = ckpt / contract.checkpoint_dirname(3)
+        folder.mkdir(parents=True)
+        data = bytes(3_000_000)
+        (folder / "w.bin").write_bytes(data)
+        contract.write_json_atomic(folder / contract.MANIFEST_NAME, contract.Manifest(
+            step=3, reason="periodic", created="2026-11-25T12:00:00Z",
+            files={"w.bin": {"size": len(data), "crc32": zlib.crc32(data)}}).to_json())
+        m.on_checkpoint(CheckpointReport(3, str(folder), len(data), 0.1, "periodic"))
+        m.on_final_checkpoint(None)  # throttled: about 0.5 s past the 2 MB burst
+        m.stop()
+    finals = [e for e in logs if e["event"] == "remote.final"]
+    assert finals[0]["step"] is None and finals[0]["reached_remote"] is None
+    assert finals[1]["step"] == 3 and finals[1]["reached_remote"] is True
+    assert (tmp_path / "remote" / contract.checkpoint_dirname(3) / contract.MANIFEST_NAME).exists()
