@@ -31,5 +31,7 @@ def build_components(cfg: Config, clock: Clock) -> list[Component]:
 
         mirror = build_mirror(cfg)  # ConfigError (exit 78) when the URL's package is missing
         if mirror is not None:
-            components.append(mirror)
+            # First: its on_final_checkpoint waits for the final upload, and must do so
+            # before a notice source approves the eviction (Azure) and lets the VM go.
+            components.insert(0, mirror)
     return components
