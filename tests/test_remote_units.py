@@ -314,3 +314,16 @@ def test_stop_without_confirmed_final_waits_for_newest_pending_upload(tmp_path: 
     assert finals[0]["step"] is None and finals[0]["reached_remote"] is None
     assert finals[1]["step"] == 3 and finals[1]["reached_remote"] is True
     assert (tmp_path / "remote" / contract.checkpoint_dirname(3) / contract.MANIFEST_NAME).exists()
+
+
+def test_build_components_wires_the_mirror_first_only_when_configured(tmp_path: Path) -> None:
+    from daemon.assembly import build_components
+    from daemon.clock import SystemClock
+
+    base = {"preemption": {"sources": []}, "checkpoint": {"dir": str(tmp_path / "c")},
+            "daemon": {"state_dir": str(tmp_path / "s")}}
+    assert "remote" not in [c.name for c in build_components(from_mapping(base), SystemClock())]
+    cfg = from_mapping({**base, "remote": {"url": "s3://bucket/run", "endpoint_url": "http://127.0.0.1:9"}})
+    names = [c.name for c in build_components(cfg, SystemClock())]
+    # First: the stop path waits for the final upload before a source approves an eviction.
+    assert names[0] == "remote" and names.count("remote") == 1
