@@ -446,13 +446,13 @@ def test_upload_resumes_after_daemon_restart_without_resending_files(env: Env) -
 
 def test_preemption_checkpoint_jumps_the_queue_and_meets_the_deadline(env: Env) -> None:
     with capture_logs() as logs:
-        m = env.mirror(bandwidth_mbps=2, keep=5)
-        slow = make_checkpoint(env.ckpt, 100, {"big.data": 5 * MiB})
+        m = env.mirror(bandwidth_mbps=1, keep=5)
+        slow = make_checkpoint(env.ckpt, 100, {"big.data": 3 * MiB})
         m.on_checkpoint(report(slow))
         wait_until(lambda: (m.status()["uploading"] or {}).get("bytes_done", 0) > MiB)
         queued = make_checkpoint(env.ckpt, 150)
         m.on_checkpoint(report(queued))
-        urgent = make_checkpoint(env.ckpt, 200, {"big.data": 6 * MiB}, reason="preemption")
+        urgent = make_checkpoint(env.ckpt, 200, {"big.data": 8 * MiB}, reason="preemption")
         rep = report(urgent, "preemption")
         m.on_checkpoint(rep)
         t0 = time.monotonic()
@@ -461,10 +461,10 @@ def test_preemption_checkpoint_jumps_the_queue_and_meets_the_deadline(env: Env) 
         order = [e["step"] for e in events(logs, "remote.uploaded")]
         assert order[0] == 200  # ahead of the periodic one in flight and the one queued
         wait_until(lambda: len(events(logs, "remote.uploaded")) == 3, timeout=30)
-    # Unthrottled: 6 MiB at the 2 MB/s limit would take 3 s.
-    assert waited < 3.0
+    # Unthrottled: 8 MiB at the 1 MB/s limit would take more than 7 s.
+    assert waited < 6.0
     final = events(logs, "remote.final")[0]
-    assert final["step"] == 200 and final["reached_remote"] is True and final["seconds"] < 3.0
+    assert final["step"] == 200 and final["reached_remote"] is True and final["seconds"] < 6.0
     up = [e for e in events(logs, "remote.uploaded") if e["step"] == 200][0]
     assert up["before_deadline"] is True
     assert m.status()["final"]["reached_remote"] is True
