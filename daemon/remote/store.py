@@ -109,9 +109,17 @@ class RemoteStore:
 
         Objects that do not follow the layout are ignored (and never touched).
         """
+        return self._list(self.root)
+
+    def checkpoint(self, name: str) -> RemoteCheckpoint | None:
+        """The listing of one folder (only its own objects), None when nothing is there."""
+        found = self._list(self._path(name))
+        return found[0] if found else None
+
+    def _list(self, under: str) -> list[RemoteCheckpoint]:
         self.fs.invalidate_cache()
         try:
-            found = self.fs.find(self.root, detail=True)
+            found = self.fs.find(under, detail=True)
         except FileNotFoundError:
             return []
         folders: dict[str, dict[str, int]] = {}
@@ -131,13 +139,6 @@ class RemoteStore:
             assert parsed is not None
             out.append(RemoteCheckpoint(name=name, step=parsed[0], files=files))
         return sorted(out, key=lambda c: c.step)
-
-    def checkpoint(self, name: str) -> RemoteCheckpoint | None:
-        """The listing of one folder, None when nothing is there."""
-        for cp in self.checkpoints():
-            if cp.name == name:
-                return cp
-        return None
 
     # ------------------------------------------------------------------ read/write
 
