@@ -34,7 +34,10 @@ class Job:
         # Reshuffled epochs of 8: a save must not change the order of later epochs.
         self.it = iter(tf.data.Dataset.range(8).shuffle(8, seed=seed, reshuffle_each_iteration=True).repeat())
         self.rng = tf.random.Generator.from_seed(seed)
-        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.opt, data=self.it, rng=self.rng)
+        # Over 1 MB: the snapshot copies it for real instead of sharing its buffer.
+        self.big = tf.Variable(tf.zeros((600, 600)) + float(seed))
+        self.ckpt = tf.train.Checkpoint(model=self.model, optimizer=self.opt, data=self.it, rng=self.rng,
+                                        big=self.big)
 
     def step(self) -> None:
         x = tf.cast(tf.reshape(next(self.it), (1, 1)), tf.float32) * tf.ones((1, 8)) / 1000.0
@@ -43,9 +46,11 @@ class Job:
             loss = tf.reduce_sum(self.model(x) ** 2)
         grads = tape.gradient(loss, self.model.trainable_variables)
         self.opt.apply_gradients(zip(grads, self.model.trainable_variables, strict=True))
+        self.big.assign_add(tf.fill(self.big.shape, x[0, 0]))
 
     def state(self) -> list[np.ndarray]:
-        return [v.numpy().copy() for v in self.model.weights] + [self.rng.state.numpy().copy()]
+        return [v.numpy().copy() for v in self.model.weights] + [self.rng.state.numpy().copy(),
+                                                                  self.big.numpy().copy()]
 
 
 def _manager(job: Job, directory: Path, **kw) -> service.CheckpointManager:
