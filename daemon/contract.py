@@ -12,7 +12,9 @@ import enum
 import errno
 import json
 import os
+import queue
 import re
+import threading
 import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -335,16 +337,52 @@ def read_manifest(ckpt_dir: str | os.PathLike[str]) -> Manifest:
 
 
 def file_crc32(path: str | os.PathLike[str], chunk: int = 4 << 20) -> int:
-    """CRC-32 of a file's content (zlib releases the GIL, so threads parallelise)."""
-    crc = 0
+    """CRC-32 of a file's content (zlib releases the GIL, so threads parallelise).
+
+    Big files are read by a helper thread while this one checksums the previous
+    chunk, so a cold read costs about the read alone instead of read + crc.
+    """
     with open(path, "rb", buffering=0) as f:
-        buf = bytearray(chunk)
-        view = memoryview(buf)
-        while True:
-            n = f.readinto(buf)
-            if not n:
-                break
-            crc = zlib.crc32(view[:n], crc)
+        if os.fstat(f.fileno()).st_size <= 2 * chunk:
+            crc = 0
+            buf = bytearray(chunk)
+            view = memoryview(buf)
+            while n := f.readinto(buf):
+                crc = zlib.crc32(view[:n], crc)
+            return crc
+        return _pipelined_crc32(f, chunk)
+
+
+def _pipelined_crc32(f: Any, chunk: int) -> int:
+    free: queue.Queue[bytearray] = queue.Queue()
+    full: queue.Queue[tuple[bytearray, int] | OSError] = queue.Queue()
+    for _ in range(3):
+        free.put(bytearray(chunk))
+
+    def read() -> None:
+        try:
+            while True:
+                buf = free.get()
+                n = f.readinto(buf)
+                full.put((buf, n))
+                if not n:
+                    return
+        except OSError as exc:  # handed to the checksumming thread, which raises it
+            full.put(exc)
+
+    reader = threading.Thread(target=read, name="crc32-read", daemon=True)
+    reader.start()
+    crc = 0
+    while True:
+        item = full.get()
+        if isinstance(item, OSError):
+            raise item
+        buf, n = item
+        if not n:
+            break
+        crc = zlib.crc32(memoryview(buf)[:n], crc)
+        free.put(buf)
+    reader.join()
     return crc
 
 

@@ -16,6 +16,7 @@ one memory copy of the state; on a GPU it is the device-to-host copy.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import structlog
@@ -31,7 +32,7 @@ log = structlog.get_logger()
 
 
 # Variables at least this big get a real copy (see Snapshotter._copy_variable).
-_BIG = 1 << 20
+_BIG = int(os.environ.get("PREEMPTD_SNAPSHOT_COPY_BYTES", 1 << 20))
 
 
 class SnapshotUnsupported(Exception):
