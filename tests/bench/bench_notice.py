@@ -71,6 +71,10 @@ def _flip(fake: FakeMetadataServer, on: bool) -> None:
 
 # ------------------------------------------------------------------ daemon runs
 
+class RunFailed(Exception):
+    """One daemon run did not give a measurement (the message says what was seen)."""
+
+
 def _daemon_run(tmp: Path, provider: str) -> dict[str, float]:
     """One preemption of the TF example under the daemon; seconds from the flip."""
     with _fake(provider) as fake:
@@ -78,7 +82,12 @@ def _daemon_run(tmp: Path, provider: str) -> dict[str, float]:
         cfg.write_text(f'[preemption]\nsources = ["{provider}"]\n{provider}_url = "{fake.url}"\n')
         d = Daemon(tmp, TF_WORKER, config=cfg, env={"EXAMPLE_STEP_DELAY": "0.005"}, log_level="info")
         try:
-            d.wait_for("worker.hello", timeout=600)
+            try:
+                d.wait_for("worker.hello", timeout=300)
+            except AssertionError:
+                steps = [e.get("step") for e in d.events("worker.progress")]
+                raise RunFailed(
+                    f"{provider}: worker never said hello in 300 s (progress steps {steps})") from None
             # Past the first steps (tf.function tracing makes step 1 take seconds), then a
             # random poll phase.
             time.sleep(6.0 + random.uniform(0, max(POLL[provider], 0.5)))
@@ -89,7 +98,7 @@ def _daemon_run(tmp: Path, provider: str) -> dict[str, float]:
             saves = [e for e in d.events("checkpoint.committed") if e["reason"] == "preemption"]
             if not saves:
                 seen = [(e["event"], e.get("reason"), e.get("exit_code")) for e in d.events()]
-                raise RuntimeError(f"{provider}: no preemption checkpoint; events: {seen}")
+                raise RunFailed(f"{provider}: no preemption checkpoint; events: {seen}")
             committed = saves[-1]
             stopped = d.events("daemon.stopped")[0]
             return {
@@ -169,21 +178,30 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="pdbench-notice-", dir="/tmp") as tmpdir:
         for provider in ("gce", "aws", "azure"):
-            results = []
-            for i in range(runs):
+            results, failed = [], 0
+            for i in range(runs + 2):  # two spare attempts for a run that goes wrong
+                if len(results) == runs:
+                    break
                 run_dir = Path(tmpdir) / f"{provider}-{i}"
                 run_dir.mkdir()
-                results.append(_daemon_run(run_dir, provider))
+                try:
+                    results.append(_daemon_run(run_dir, provider))
+                except RunFailed as exc:
+                    failed += 1
+                    print(f"bench_notice: run failed: {exc}", file=sys.stderr)
+            if not results:
+                raise RuntimeError(f"bench_notice: every {provider} run failed")
             bare = statistics.median(_bare_detect(provider, flips))
             med = {k: statistics.median(r[k] for r in results) for k in results[0]}
+            runs_done = len(results)
             poll = POLL[provider]
             allowance = 0.5 if provider == "gce" else poll
             label = {"gce": "GCE (long poll)", "aws": "AWS (5 s poll)", "azure": "Azure (1 s poll)"}[provider]
             rows += [
-                _row(f"{label}: flip -> preemption.notice, median of {runs}", med["notice"], "s",
+                _row(f"{label}: flip -> preemption.notice, median of {runs_done}", med["notice"], "s",
                      f"bare stdlib watcher, same interval, median of {flips}", bare,
                      "<= 0.5 s" if provider == "gce" else f"<= {poll:g} s"),
-                _row(f"{label}: flip -> checkpoint.committed (TF example), median of {runs}",
+                _row(f"{label}: flip -> checkpoint.committed (TF example), median of {runs_done}",
                      med["committed"], "s", "the save itself (worker-reported seconds)", med["save"],
                      f"<= {allowance:g} s + save"),
                 _row(f"{label}: flip -> committed minus the save", med["committed"] - med["save"], "s",
@@ -192,6 +210,8 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
                      "provider window", {"gce": 30.0, "aws": 120.0, "azure": 30.0}[provider],
                      "< window"),
             ]
+            if failed:
+                rows.append(_row(f"{label}: runs without a measurement", failed, "runs", "-", None, "0"))
     return rows
 
 
