@@ -9,12 +9,11 @@ remote URL without credentials; a journal written for another URL is ignored.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 import structlog
-
-from daemon import contract
 
 log = structlog.get_logger()
 
@@ -96,12 +95,22 @@ class Journal:
             return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            contract.write_json_atomic(
-                self.path, {"format": JOURNAL_FORMAT, "url": self.url, "jobs": self._jobs}
-            )
+            _write_atomic_no_fsync(self.path, {"format": JOURNAL_FORMAT, "url": self.url, "jobs": self._jobs})
             self._broken = False
         except OSError as exc:
             # Resume after a restart is lost, uploads themselves go on: warn once.
             if not self._broken:
                 log.warning("remote.journal_failed", path=str(self.path), error=str(exc))
             self._broken = True
+
+
+def _write_atomic_no_fsync(path: Path, data: dict[str, Any]) -> None:
+    """Temp file + rename: whole or absent after a daemon crash, without paying for fsync.
+
+    No fsync on purpose: the journal matters only when the same disk outlives the daemon
+    (a restart); after a power cut it may lag by a few files, which costs a re-upload of
+    those files, never a wrong commit (the remote listing is checked as well).
+    """
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, sort_keys=True))
+    os.replace(tmp, path)

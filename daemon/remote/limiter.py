@@ -36,13 +36,14 @@ class TokenBucket:
         return 0.0 if self._tokens >= 0 else -self._tokens / self.rate
 
 
-def from_mbps(mbps: float, clock: Clock, chunk: int) -> TokenBucket | None:
+def from_mbps(mbps: float, clock: Clock, min_burst: int) -> TokenBucket | None:
     """The limiter for `[remote] bandwidth_mbps` (None = unlimited).
 
-    The burst is half a second of traffic but at least one chunk, so one chunk never
-    waits longer than its own share of time.
+    The burst is half a second of traffic but at least `min_burst` (the uploader passes
+    one backend part plus one chunk, so that time spent blocked sending a part earns
+    the tokens for the next one instead of losing them).
     """
     if mbps <= 0:
         return None
     rate = mbps * MB
-    return TokenBucket(rate, max(float(chunk), rate / 2), clock)
+    return TokenBucket(rate, max(float(min_burst), rate / 2), clock)

@@ -26,7 +26,15 @@ from daemon.remote.limiter import MB, from_mbps
 from daemon.remote.prune import prune_remote
 from daemon.remote.queue import URGENT, Job, UploadQueue, backoff_delay, priority_of
 from daemon.remote.store import RemoteStore, open_store
-from daemon.remote.upload import CHUNK_BYTES, Aborted, Permanent, Transfer, UploadResult, upload_checkpoint
+from daemon.remote.upload import (
+    BLOCK_BYTES,
+    CHUNK_BYTES,
+    Aborted,
+    Permanent,
+    Transfer,
+    UploadResult,
+    upload_checkpoint,
+)
 
 log = structlog.get_logger()
 
@@ -57,7 +65,7 @@ class RemoteMirror(Component):
         self._final_wait = cfg.final_wait_seconds or grace_seconds
         journal_path = Path(state_dir) / JOURNAL_NAME if state_dir else None
         self._journal = Journal(journal_path, self._store.display_url)
-        self._limiter = from_mbps(cfg.bandwidth_mbps, self._clock, CHUNK_BYTES)
+        self._limiter = from_mbps(cfg.bandwidth_mbps, self._clock, BLOCK_BYTES + CHUNK_BYTES)
         self._queue = UploadQueue(cfg.keep)
         self._cond = threading.Condition()
         self._interrupt = threading.Event()  # cuts a throttle pause short
