@@ -341,7 +341,8 @@ class CheckpointManager:
         extra: dict[str, Any],
     ) -> commit_mod.Committed:
         try:
-            write(str(temp / FILE_PREFIX))
+            with commit_mod.EarlyFlusher(temp):
+                write(str(temp / FILE_PREFIX))
             committed = commit_mod.commit(
                 temp, step, reason.value, started=started, versions=self._versions, extra=extra
             )

@@ -192,9 +192,9 @@ def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
     mgr.close(final=False)
     _raw_write_fsync(raw, raw_path)
 
-    def restore() -> float:
+    def restore(checksums: bool = True) -> float:
         _drop_cache(committed)
-        m = service.CheckpointManager(ckpt, ckdir, handle_signals=False, environ={})
+        m = service.CheckpointManager(ckpt, ckdir, handle_signals=False, environ={}, checksums=checksums)
         start = time.perf_counter()
         assert m.restore_or_initialize() == step
         elapsed = time.perf_counter() - start
@@ -203,7 +203,10 @@ def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
 
     restore_med = _median(restore, reps)
     read_med = _median(lambda: _raw_read(raw_path), reps)
+    sizes_only = _median(lambda: restore(checksums=False), reps)
     rows.append(_row(f"restore {label} (verify crc32 + TF read, cold)", restore_med, "s",
+                     "raw read (cold)", read_med, "report"))
+    rows.append(_row(f"restore {label} (sizes only + TF read, cold)", sizes_only, "s",
                      "raw read (cold)", read_med, "report"))
     raw_path.unlink()
     shutil.rmtree(ckdir)
@@ -222,7 +225,7 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     for size in sizes:
         workdir = Path(tempfile.mkdtemp(prefix="bench-ckpt-", dir=base))
         try:
-            rows.extend(measure_size(size, reps=3, workdir=workdir))
+            rows.extend(measure_size(size, reps=5 if size <= 100 else 3, workdir=workdir))
         finally:
             shutil.rmtree(workdir, ignore_errors=True)
     return rows
