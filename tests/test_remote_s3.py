@@ -260,9 +260,9 @@ def test_damaged_local_checkpoint_is_never_committed_remotely(env: Env) -> None:
 
 
 def test_bandwidth_limit_bounds_periodic_uploads_and_uploader_is_niced(env: Env) -> None:
-    size = 4 * MiB
+    size = 12 * MiB
     with capture_logs() as logs:
-        m = env.mirror(bandwidth_mbps=2)
+        m = env.mirror(bandwidth_mbps=4)
         uploader = [t for t in threading.enumerate() if t.name == "preemptd-remote"][-1]
         assert uploader.native_id is not None
         assert os.getpriority(os.PRIO_PROCESS, uploader.native_id) >= os.getpriority(os.PRIO_PROCESS, 0) + 5
@@ -273,9 +273,9 @@ def test_bandwidth_limit_bounds_periodic_uploads_and_uploader_is_niced(env: Env)
         assert 0 < mid <= 100 and "uploading step 100" in m.status()["summary"]
         up = wait_until(lambda: events(logs, "remote.uploaded"))[0]
         elapsed = time.monotonic() - t0
-    # 2 MB/s with a 1 MB burst: at least (4.19 - 1) / 2 = 1.6 s.
+    # 4 MB/s after a burst of one 5 MiB part + one 1 MiB chunk: at least (12.6 - 6.3) / 4 = 1.6 s.
     assert elapsed >= 1.4 and up["seconds"] >= 1.4
-    assert up["mbps"] <= 2 * 1.1 + 1.0 / up["seconds"]
+    assert up["mbps"] <= 4 * 1.1 + 6.3 / up["seconds"]
     assert "last step 100" in m.status()["summary"]
 
 
@@ -424,7 +424,8 @@ def test_empty_remote_and_dead_remote_at_start(env: Env) -> None:
 
 
 def test_upload_resumes_after_daemon_restart_without_resending_files(env: Env) -> None:
-    sizes = {f"shard-{i}.data": MiB for i in range(6)}
+    # More than the limiter's burst (6.3 MB), so the upload is still going when stopped.
+    sizes = {f"shard-{i}.data": MiB for i in range(12)}
     path = make_checkpoint(env.ckpt, 100, sizes)
     with capture_logs() as logs:
         m = env.mirror(bandwidth_mbps=1.5)
@@ -448,13 +449,14 @@ def test_upload_resumes_after_daemon_restart_without_resending_files(env: Env) -
 
 def test_preemption_checkpoint_jumps_the_queue_and_meets_the_deadline(env: Env) -> None:
     with capture_logs() as logs:
-        m = env.mirror(bandwidth_mbps=1, keep=5)
-        slow = make_checkpoint(env.ckpt, 100, {"big.data": 3 * MiB})
+        m = env.mirror(bandwidth_mbps=2, keep=5)
+        slow = make_checkpoint(env.ckpt, 100, {"big.data": 9 * MiB})
         m.on_checkpoint(report(slow))
-        wait_until(lambda: (m.status()["uploading"] or {}).get("bytes_done", 0) > MiB)
+        # Past the limiter's burst (one part + one chunk): now it is throttled.
+        wait_until(lambda: (m.status()["uploading"] or {}).get("bytes_done", 0) > 7 * MiB)
         queued = make_checkpoint(env.ckpt, 150)
         m.on_checkpoint(report(queued))
-        urgent = make_checkpoint(env.ckpt, 200, {"big.data": 8 * MiB}, reason="preemption")
+        urgent = make_checkpoint(env.ckpt, 200, {"big.data": 24 * MiB}, reason="preemption")
         rep = report(urgent, "preemption")
         m.on_checkpoint(rep)
         t0 = time.monotonic()
@@ -463,7 +465,7 @@ def test_preemption_checkpoint_jumps_the_queue_and_meets_the_deadline(env: Env) 
         order = [e["step"] for e in events(logs, "remote.uploaded")]
         assert order[0] == 200  # ahead of the periodic one in flight and the one queued
         wait_until(lambda: len(events(logs, "remote.uploaded")) == 3, timeout=30)
-    # Unthrottled: 8 MiB at the 1 MB/s limit would take more than 7 s.
+    # Unthrottled: 24 MiB at the 2 MB/s limit would take more than 9 s even after a full burst.
     assert waited < 6.0
     final = events(logs, "remote.final")[0]
     assert final["step"] == 200 and final["reached_remote"] is True and final["seconds"] < 6.0

@@ -10,6 +10,7 @@ without a manifest is a partial upload and is never restored.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import zlib
 from collections.abc import Callable
@@ -194,12 +195,17 @@ def _stream_file(store: RemoteStore, path: Path, name: str, rel: str, size: int,
 def _abandon(writer: Any, where: str, scrub: Callable[[str], str]) -> None:
     """Throw away a half-written remote file without completing it."""
     try:
+        writer.discard()  # e.g. S3: AbortMultipartUpload
+    except (AttributeError, RuntimeError):
+        # No discard (or a local file written in place): the partial file stays; it is
+        # harmless, since no manifest is written and the next attempt overwrites it.
         try:
-            writer.discard()  # e.g. S3: AbortMultipartUpload
-            writer.closed = True  # so garbage collection does not complete it after all
-        except (AttributeError, RuntimeError):
-            # No discard (or a local file written in place): the partial file stays; it
-            # is harmless, since no manifest is written and the next attempt overwrites it.
             writer.close()
-    except Exception as exc:  # noqa: BLE001 - any SDK error; the upload's own error goes on
+        except OSError as exc:
+            log.warning("remote.discard_failed", path=where, error=scrub(str(exc)))
+    except Exception as exc:  # noqa: BLE001 - any SDK error (server gone); the upload's own error goes on
         log.warning("remote.discard_failed", path=where, error=scrub(str(exc)))
+    finally:
+        # Never let garbage collection "close" (complete) it later, whatever happened above.
+        with contextlib.suppress(AttributeError):
+            writer.closed = True
