@@ -34,6 +34,8 @@ def write_config(tmp: Path, provider: str, url: str) -> Path:
         "azure_poll_seconds = 0.5\n"
         "[stop]\n"
         "grace_seconds = 25\n"
+        "[daemon]\n"
+        "progress_interval_seconds = 1.0\n"
     )
     return path
 
@@ -58,7 +60,9 @@ def run_preemption(tmp_path: Path, provider: str, command: list[str],
         try:
             watching = d.wait_for("preemption.watching", timeout=start_timeout)
             assert watching["source"] == provider
-            d.wait_for("worker.hello", timeout=start_timeout)
+            # Training runs: a hello, or (should that one datagram be lost) progress reports.
+            d.wait_for("worker.progress", timeout=start_timeout,
+                       where=lambda e: bool(e.get("step")) or bool(d.events("worker.hello")))
             time.sleep(1.0)  # a few training steps
             assert d.proc.poll() is None and d.events("preemption.notice") == []
             flipped = time.time()
