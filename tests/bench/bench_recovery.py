@@ -116,7 +116,12 @@ class _Daemon:
         since = len(self.proc.events)
         t0 = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        ev = self.wait_step(since)
+        # The dead worker's last lines may still be in the pipe: count only the new worker's steps.
+        started = self.proc.wait_for(lambda e: e["event"] == "worker.started" and e.get("pid") != pid,
+                                     WAIT, since=since)
+        if started is None:
+            raise RuntimeError(f"no new worker after the crash; see {self.work / 'stderr'}")
+        ev = self.wait_step(self.proc.events.index(started))
         promoted = [e for e in self.proc.events[since:] if e["event"] == "standby.promoted"]
         self.promoted = bool(promoted)
         return float(ev["_t"]) - t0
