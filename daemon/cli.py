@@ -265,8 +265,13 @@ def render_status(data: dict[str, Any]) -> str:
     for name in data.get("components") or []:
         key = name if name in data else f"component.{name}"
         value = data.get(key)
-        if value:
-            lines.append(f"  {name + ':':<17}{json.dumps(value, sort_keys=True, default=str)}")
+        if not value:
+            continue
+        # A component's own one-line summary reads better than its raw facts.
+        text = value.get("summary") if isinstance(value, dict) else None
+        if not isinstance(text, str):
+            text = json.dumps(value, sort_keys=True, default=str)
+        lines.append(f"  {name + ':':<17}{text}")
     return "\n".join(lines)
 
 
@@ -323,4 +328,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
           f"{r.backoff_initial_seconds:g}-{r.backoff_max_seconds:g} s, hang timeout "
           f"{r.hang_timeout_seconds:g} s{' (off)' if r.hang_timeout_seconds == 0 else ''}")
     print(f"  stop:            grace {cfg.stop.grace_seconds:g} s")
+    if cfg.remote.url:
+        # A missing optional package or a bad storage option must show here, not at run.
+        from daemon.remote.store import open_store, scrub_url
+
+        open_store(cfg.remote)
+        print(f"  remote:          {scrub_url(cfg.remote.url)}")
     return 0

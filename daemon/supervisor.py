@@ -482,6 +482,10 @@ class Supervisor:
             self.exit_code = contract.EXIT_OK
             self.lifecycle.move(State.FINISHED, reason="finished", exit_code=self.exit_code, step=self.step)
             self._notifier.stopping(STOP_EXTEND_MARGIN, "training finished")
+            # The last checkpoint of a finished run is its final one: components such
+            # as the remote mirror must see it through before the daemon exits.
+            for comp in self.components:
+                self._call(comp, "on_final_checkpoint", self.last_checkpoint)
         else:
             self._on_failure(uptime, "hung" if prev is State.HUNG else "crashed")
 

@@ -201,7 +201,7 @@ def test_unknown_posted_event_is_logged(tmp_path: Path) -> None:
 def test_progress_is_logged_periodically(tmp_path: Path) -> None:
     cfg = make_cfg(tmp_path, worker_cmd("well_behaved"))
     cfg = cfg.replace("daemon", progress_interval_seconds=0.3)
-    cfg = cfg.replace("worker", env={**cfg.worker.env, "TOTAL_STEPS": "60", "STEP_SECONDS": "0.02"})
+    cfg = cfg.replace("worker", env={**cfg.worker.env, "TOTAL_STEPS": "100", "STEP_SECONDS": "0.02"})
     sup = Supervisor(cfg)
     code, logs = run(sup)
     assert code == 0
@@ -209,7 +209,7 @@ def test_progress_is_logged_periodically(tmp_path: Path) -> None:
     assert len(progress) >= 2
     rated = [p for p in progress if p["steps_per_second"] is not None]
     assert rated and all(0 < p["steps_per_second"] < 200 for p in rated)
-    assert os.path.isdir(tmp_path / "c" / contract.checkpoint_dirname(60))
+    assert os.path.isdir(tmp_path / "c" / contract.checkpoint_dirname(100))
 
 
 def test_checkpoint_failed_reaches_components(tmp_path: Path) -> None:
