@@ -356,3 +356,15 @@ def test_stop_during_slow_before_worker_start_starts_no_worker(tmp_path: Path) -
     assert code == contract.EXIT_UNCONFIRMED
     assert spawner.started == []
     assert "worker.started" not in [e["event"] for e in logs]
+
+
+def test_finished_run_hands_its_last_checkpoint_to_components(tmp_path: Path) -> None:
+    # The remote mirror relies on this to upload the final checkpoint of a run that ends.
+    cfg = make_cfg(tmp_path, worker_cmd("well_behaved"))
+    cfg = cfg.replace("worker", env={**cfg.worker.env, "TOTAL_STEPS": "20", "STEP_SECONDS": "0.01"})
+    comp = Scripted(lambda c, post: None)
+    finals: list[Any] = []
+    comp.on_final_checkpoint = finals.append  # type: ignore[method-assign]
+    code, _logs = run(Supervisor(cfg, components=[comp]))
+    assert code == 0
+    assert len(finals) == 1 and finals[0] is not None and finals[0].step == 20
