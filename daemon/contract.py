@@ -270,6 +270,9 @@ class Manifest:
     files: dict[str, dict[str, Any]]  # relative path -> {"size": int, "crc32": int}
     versions: dict[str, str] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
+    # How long the save took (request -> files durable); lets the daemon judge at start
+    # whether a save fits the provider's warning window. None for older manifests.
+    seconds: float | None = None
 
     @property
     def created_epoch(self) -> float | None:
@@ -293,6 +296,7 @@ class Manifest:
             "created": self.created,
             "checksum": CHECKSUM_ALGORITHM,
             "versions": self.versions,
+            "seconds": self.seconds,
             "files": self.files,
             "extra": self.extra,
         }
@@ -324,6 +328,9 @@ def read_manifest(ckpt_dir: str | os.PathLike[str]) -> Manifest:
         step = data["step"]
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise ValueError("bad step")
+        seconds = data.get("seconds")
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float | None):
+            raise ValueError("bad seconds")
         return Manifest(
             step=step,
             reason=str(data.get("reason", "")),
@@ -331,6 +338,7 @@ def read_manifest(ckpt_dir: str | os.PathLike[str]) -> Manifest:
             files=files,
             versions=dict(data.get("versions") or {}),
             extra=dict(data.get("extra") or {}),
+            seconds=None if seconds is None else float(seconds),
         )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise InvalidCheckpoint(f"{mpath}: malformed manifest: {exc}") from None

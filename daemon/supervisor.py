@@ -352,9 +352,11 @@ class Supervisor:
         kind = msg["type"]
         now = self.clock.monotonic()
         if kind == contract.MSG_HELLO:
-            self._handles = set(msg.get("handles", []))
-            log.info("worker.hello", pid=msg.get("pid"), handles=sorted(self._handles),
-                     framework=msg.get("framework"))
+            handles = set(msg.get("handles", []))
+            if handles != self._handles:  # workers repeat their hello; log what changes
+                log.info("worker.hello", pid=msg.get("pid"), handles=sorted(handles),
+                         framework=msg.get("framework"))
+            self._handles = handles
             return
         # Everything else proves the worker is alive and moving.
         self._heartbeat_seen = True

@@ -193,6 +193,7 @@ def commit(
         files=described,
         versions=dict(versions or {}),
         extra=dict(extra or {}),
+        seconds=round(time.monotonic() - started, 3),
     )
     manifest_path = temp_dir / contract.MANIFEST_NAME
     _write_manifest(manifest_path, manifest)

@@ -33,6 +33,7 @@ from daemon import contract
 from daemon.clock import Clock, SystemClock
 from service import commit as commit_mod
 from service.errors import CheckpointError, CheckpointMismatch
+from service.fastexit import FastExit
 from service.policy import PeriodicPolicy
 from service.reporter import DEFAULT_HEARTBEAT_INTERVAL, Reporter
 from service.restore import FILE_PREFIX, Restored, Unreadable, restore_newest
@@ -105,7 +106,9 @@ class CheckpointManager:
             self.settings.socket_path, clock=self._clock, heartbeat_interval=heartbeat_interval
         )
         self._signals = SignalRequests()
+        self._fast_exit = FastExit()
         if handle_signals and self._signals.install():
+            self._fast_exit.install()
             self._reporter.hello(f"tensorflow {tf.__version__}")
         self._snapshotter: Snapshotter | None = None
         self._async = async_save
@@ -285,6 +288,7 @@ class CheckpointManager:
         self._save(step, Reason.PREEMPTION, blocking=True)
         self._release()
         log.info("worker.stopping", step=step, reason="stop requested")
+        self._fast_exit.arm()
         raise SystemExit(0)
 
     def _save(self, step: int, reason: Reason, blocking: bool) -> commit_mod.Committed | None:

@@ -7,7 +7,12 @@ from dataclasses import dataclass
 
 @dataclass
 class PeriodicPolicy:
-    """Due every `every_steps` steps and/or every `every_seconds` (0 = that trigger is off)."""
+    """Due every `every_steps` steps and/or every `every_seconds` (0 = that trigger is off).
+
+    The step trigger fires on multiples of `every_steps` (100, 200, ...), also after a
+    resume from step 511 or a requested save at 516: the checkpoints of a run that was
+    interrupted land on the same steps as those of one that was not.
+    """
 
     every_steps: int = 0
     every_seconds: float = 0.0
@@ -23,6 +28,6 @@ class PeriodicPolicy:
         """True when a periodic save should start at this step boundary."""
         if step <= self.last_step:
             return False
-        if self.every_steps and step - self.last_step >= self.every_steps:
+        if self.every_steps and step // self.every_steps > self.last_step // self.every_steps:
             return True
         return bool(self.every_seconds) and now - self.last_time >= self.every_seconds

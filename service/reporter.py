@@ -19,6 +19,9 @@ from daemon.clock import Clock, SystemClock
 log = structlog.get_logger()
 
 DEFAULT_HEARTBEAT_INTERVAL = 0.5  # seconds: at most 2 progress messages per second
+# A datagram can be lost (daemon restarting, queue full); the daemon sends SIGUSR1 only
+# to a worker whose hello it has seen, so the hello rides along with heartbeats now and then.
+HELLO_REPEAT_SECONDS = 10.0
 
 
 class Reporter:
@@ -35,6 +38,8 @@ class Reporter:
         self._clock = clock or SystemClock()
         self._interval = heartbeat_interval
         self._last_progress: float | None = None
+        self._hello_fields: dict[str, Any] | None = None
+        self._last_hello = 0.0
         self._lock = threading.Lock()  # the committer thread reports too
         self._sock: socket.socket | None = None
         self._warned = False
@@ -65,7 +70,9 @@ class Reporter:
 
     def hello(self, framework: str) -> None:
         """Announce that this worker handles SIGUSR1 (checkpoint) and SIGTERM (save and exit)."""
-        self.send(contract.MSG_HELLO, handles=["SIGUSR1", "SIGTERM"], framework=framework)
+        self._hello_fields = {"handles": ["SIGUSR1", "SIGTERM"], "framework": framework}
+        self._last_hello = self._clock.monotonic()
+        self.send(contract.MSG_HELLO, **self._hello_fields)
 
     def progress(self, step: int, force: bool = False) -> None:
         """Heartbeat, rate-limited to one per `heartbeat_interval` seconds."""
@@ -75,6 +82,9 @@ class Reporter:
         if not force and self._last_progress is not None and now - self._last_progress < self._interval:
             return
         self._last_progress = now
+        if self._hello_fields is not None and now - self._last_hello >= HELLO_REPEAT_SECONDS:
+            self._last_hello = now
+            self.send(contract.MSG_HELLO, **self._hello_fields)
         self.send(contract.MSG_PROGRESS, step=step)
 
     def close(self) -> None:

@@ -76,6 +76,17 @@ def test_policy_by_steps_and_seconds() -> None:
     assert not p.due(100, clock.monotonic())  # nothing new since the last save
 
 
+def test_policy_steps_land_on_multiples_after_a_resume_or_request() -> None:
+    # Resumed at 511 (a preemption save) the next periodic save is 600, not 611.
+    p = PeriodicPolicy(every_steps=100)
+    p.reset(511, 0.0)
+    assert not p.due(599, 0.0)
+    assert p.due(600, 0.0)
+    p.reset(600, 0.0)
+    p.reset(616, 0.0)  # a requested save in between
+    assert not p.due(699, 0.0) and p.due(700, 0.0)
+
+
 def test_policy_off() -> None:
     p = PeriodicPolicy()
     assert not p.due(10**9, 10**9)
@@ -102,6 +113,7 @@ def test_commit_creates_verifiable_checkpoint(tmp_path: Path) -> None:
     assert set(manifest.files) == {"ckpt.data-00000-of-00001", "ckpt.index", "sub/part"}
     assert done.bytes == 300_000 + 10 + 6
     assert manifest.created_epoch is not None
+    assert manifest.seconds is not None and manifest.seconds > 0  # save time, for deadline checks
     assert contract.newest_valid(tmp_path)[0].step == 7  # type: ignore[index]
 
 
@@ -188,6 +200,24 @@ def test_reporter_messages_and_rate_limit(daemon_socket) -> None:
     assert [m["type"] for m in msgs] == ["hello", "progress", "progress", "checkpoint"]
     assert msgs[0]["handles"] == ["SIGUSR1", "SIGTERM"] and msgs[0]["pid"] == os.getpid()
     assert [m["step"] for m in msgs[1:3]] == [1, 101]
+    r.close()
+
+
+def test_reporter_repeats_its_hello_with_heartbeats(daemon_socket) -> None:
+    # A lost hello would keep the daemon from ever sending SIGUSR1: it is repeated.
+    path, sock = daemon_socket
+    clock = FakeClock()
+    r = Reporter(path, clock=clock, heartbeat_interval=0.5)
+    r.hello("tensorflow 2.x")
+    _drain(sock)
+    msgs = []
+    for step in range(1, 40):
+        clock.advance(0.5)
+        r.progress(step)
+        msgs += _drain(sock)  # a datagram queue holds only a few messages
+    hellos = [m for m in msgs if m["type"] == "hello"]
+    assert 1 <= len(hellos) <= 2 and hellos[0]["handles"] == ["SIGUSR1", "SIGTERM"]
+    assert sum(m["type"] == "progress" for m in msgs) == 39
     r.close()
 
 

@@ -273,13 +273,13 @@ class NoticeSource(Component):
 
 
 def _recorded_save_seconds(checkpoint_dir: str) -> float | None:
-    """The save duration the newest checkpoint's manifest records (extra.seconds), if any."""
+    """The save duration the newest checkpoint's manifest records (`seconds`), if any."""
     for entry in reversed(contract.committed(checkpoint_dir)):
         try:
             manifest = contract.read_manifest(entry.path)
         except contract.InvalidCheckpoint:
             continue
-        seconds = manifest.extra.get("seconds", manifest.extra.get("save_seconds"))
+        seconds = manifest.seconds if manifest.seconds is not None else manifest.extra.get("seconds")
         if isinstance(seconds, int | float) and not isinstance(seconds, bool) and seconds >= 0:
             return float(seconds)
         return None
