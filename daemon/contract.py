@@ -34,6 +34,9 @@ ENV_KEEP = "PREEMPTD_KEEP"
 ENV_KEEP_EVERY_HOURS = "PREEMPTD_KEEP_EVERY_HOURS"
 # JSON file the daemon rewrites atomically to steer the worker (see ControlFile).
 ENV_CONTROL = "PREEMPTD_CONTROL"
+# The daemon's log format (json | console | auto), so a worker's lines match the
+# daemon's in the journal (one JSON object per line under systemd).
+ENV_LOG_FORMAT = "PREEMPTD_LOG_FORMAT"
 
 # ---------------------------------------------------------------- exit codes
 

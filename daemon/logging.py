@@ -16,8 +16,13 @@ LEVELS = ("debug", "info", "warning", "error")
 FORMATS = ("json", "console", "auto")
 
 
-def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None) -> None:
-    """Configure structlog process-wide (call once, from the CLI)."""
+def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = None,
+              origin: str | None = None) -> None:
+    """Configure structlog process-wide (call once, from the CLI).
+
+    `origin` (e.g. "worker") is added to every line, so a worker's lines in the same
+    journal are told apart from the daemon's (both log `checkpoint.committed`).
+    """
     stream = sys.stdout if stream is None else stream
     if fmt == "auto":
         fmt = "console" if _isatty(stream) else "json"
@@ -35,6 +40,7 @@ def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = N
             structlog.processors.StackInfoRenderer(),
             structlog.processors.dict_tracebacks if fmt == "json" else structlog.processors.format_exc_info,
             _event_first,
+            *([_with_origin(origin)] if origin else []),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
@@ -68,6 +74,13 @@ class _SafeStream:
 
     def isatty(self) -> bool:
         return _isatty(self._stream)
+
+
+def _with_origin(origin: str) -> Any:
+    def add(logger: Any, method: str, event_dict: Any) -> Any:
+        event_dict.setdefault("origin", origin)
+        return event_dict
+    return add
 
 
 def _event_first(logger: Any, method: str, event_dict: Any) -> Any:

@@ -655,6 +655,7 @@ class Supervisor:
             contract.ENV_KEEP: str(ck.keep),
             contract.ENV_KEEP_EVERY_HOURS: f"{ck.keep_every_hours:g}",
             contract.ENV_CONTROL: str(self.state_dir / "control.json"),
+            contract.ENV_LOG_FORMAT: self.cfg.daemon.log_format,
         })
         return env
 

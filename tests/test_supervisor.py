@@ -76,6 +76,7 @@ def test_worker_env_contract(tmp_path: Path, daemons) -> None:
     assert env["PREEMPTD_SOCKET"] == str(d.state_dir / "worker.sock")
     assert env["PREEMPTD_GRACE_SECONDS"] == "7"
     assert env["PREEMPTD_CONTROL"] == str(d.state_dir / "control.json")
+    assert env["PREEMPTD_LOG_FORMAT"] == "json"  # the harness runs --log-format json: the worker follows
     for key in ("PREEMPTD_EVERY_STEPS", "PREEMPTD_EVERY_SECONDS", "PREEMPTD_KEEP",
                 "PREEMPTD_KEEP_EVERY_HOURS"):
         assert key in env

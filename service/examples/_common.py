@@ -38,6 +38,15 @@ def common_args(description: str, default_steps: int) -> argparse.ArgumentParser
     return p
 
 
+def setup_logging() -> None:
+    """Log like the supervising daemon: JSON lines under systemd, console on a terminal."""
+    from daemon import contract
+    from daemon import logging as dlogging
+
+    fmt = os.environ.get(contract.ENV_LOG_FORMAT, "auto")
+    dlogging.configure(fmt=fmt if fmt in dlogging.FORMATS else "auto", origin="worker")
+
+
 def setup_determinism(seed: int) -> None:
     """Same seed, same ops order, same bits: needed for an exact resume to be checkable."""
     import keras

@@ -17,13 +17,14 @@ import time
 
 import structlog
 
-from service.examples._common import common_args, digits, setup_determinism, weights_digest
+from service.examples._common import common_args, digits, setup_determinism, setup_logging, weights_digest
 
 log = structlog.get_logger()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = common_args(__doc__.splitlines()[0], default_steps=600).parse_args(argv)
+    setup_logging()
     setup_determinism(args.seed)
 
     import keras

@@ -14,7 +14,7 @@ import sys
 
 import structlog
 
-from service.examples._common import common_args, digits, env_int, setup_determinism
+from service.examples._common import common_args, digits, env_int, setup_determinism, setup_logging
 
 log = structlog.get_logger()
 
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export-every", type=int, default=env_int("EXAMPLE_EXPORT_EVERY", 100))
     parser.add_argument("--export-keep", type=int, default=2)
     args = parser.parse_args(argv)
+    setup_logging()
     setup_determinism(args.seed)
 
     from pathlib import Path
