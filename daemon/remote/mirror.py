@@ -426,7 +426,15 @@ class RemoteMirror(Component):
         log.warning("remote.upload_failed", step=job.step, reason=job.reason, attempt=job.attempts,
                     error=error, retry=True, retry_in_seconds=delay)
         with self._cond:
-            if not self._stopping:
+            if self._stopping:
+                return
+            queued = self._queue.get(job.step)
+            if queued is not None and queued is not job:
+                # The same step was reported again while this try was in flight (e.g. the
+                # start-up scan and the worker's report): one job, one retry count.
+                queued.attempts = max(queued.attempts, job.attempts)
+                queued.not_before = max(queued.not_before, job.not_before)
+            else:
                 self._push(job)
 
     def _note_error(self, job: Job, error: str) -> None:
