@@ -179,6 +179,15 @@ def write_json_atomic(path: str | os.PathLike[str], data: Mapping[str, Any]) -> 
     fsync_dir(path.parent)
 
 
+def fsync_file(path: str | os.PathLike[str]) -> None:
+    """fsync a file's data and metadata by path."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def fsync_dir(path: str | os.PathLike[str]) -> None:
     """fsync a directory so that renames and creations inside it are durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

@@ -122,14 +122,6 @@ class EarlyFlusher:
             return
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def list_files(root: Path) -> tuple[list[Path], list[Path]]:
     """(files, sub-folders) below `root`, relative paths sorted."""
     files: list[Path] = []
@@ -151,7 +143,7 @@ def fsync_and_checksum(root: Path, files: list[Path], checksums: bool = True) ->
     with ThreadPoolExecutor(max_workers=min(_MAX_IO_THREADS, 2 * len(files) + 1)) as pool:
         # Biggest first: the longest jobs start earliest.
         order = sorted(files, key=lambda rel: -sizes[rel])
-        syncs = [pool.submit(_fsync_file, root / rel) for rel in order]
+        syncs = [pool.submit(contract.fsync_file, root / rel) for rel in order]
         crcs = {rel: pool.submit(contract.file_crc32, root / rel) for rel in order} if checksums else {}
         for fut in syncs:
             fut.result()
@@ -200,7 +192,7 @@ def commit(
     # The manifest's data and the folders' entries are durable before the folder gets
     # its final name; these flushes are independent, so they wait on the disk together.
     with ThreadPoolExecutor(max_workers=2 + len(subdirs)) as pool:
-        jobs = [pool.submit(_fsync_file, manifest_path), pool.submit(contract.fsync_dir, temp_dir)]
+        jobs = [pool.submit(contract.fsync_file, manifest_path), pool.submit(contract.fsync_dir, temp_dir)]
         jobs += [pool.submit(contract.fsync_dir, temp_dir / sub) for sub in subdirs]
         for job in jobs:
             job.result()

@@ -75,14 +75,6 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fetch_one(store: RemoteStore, cp: RemoteCheckpoint, checkpoint_dir: Path) -> FetchResult:
     started = time.monotonic()
     staging = checkpoint_dir / f"{STAGING_PREFIX}{os.getpid()}"
@@ -105,7 +97,7 @@ def _fetch_one(store: RemoteStore, cp: RemoteCheckpoint, checkpoint_dir: Path) -
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dirs.add(dest.parent)
             store.get_file(cp.name, rel, dest)
-            _fsync_file(dest)
+            contract.fsync_file(dest)
         for d in dirs:
             contract.fsync_dir(d)
         contract.verify(target, checksums=True)
