@@ -44,7 +44,9 @@ def split_lines(line: str) -> list[str]:
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
-    """One log line as a dict with `event` and `src` ("daemon": JSON, "worker": console), or None."""
+    """One log line as a dict with `event` and `src` ("daemon" or "worker"), or None.
+
+    JSON lines with origin=worker and structlog console lines (a bare worker) are the worker's."""
     line = line.strip()
     if line.startswith("{"):
         try:
@@ -52,7 +54,8 @@ def parse_line(line: str) -> dict[str, Any] | None:
         except ValueError:
             return None
         if isinstance(obj, dict) and "event" in obj:
-            obj["src"] = "daemon"
+            # Workers log like the daemon (PREEMPTD_LOG_FORMAT), their lines marked origin=worker.
+            obj["src"] = "worker" if obj.get("origin") == "worker" else "daemon"
             return obj
         return None
     m = _CONSOLE.match(line)

@@ -22,6 +22,8 @@ def test_log_lines_of_both_sides_parse() -> None:
                       "path": "/tmp/c/ckpt-000000000010", "reason": "periodic", "seconds": 0.46, "step": 10}
     daemon = parse_line('{"timestamp": "x", "level": "info", "event": "worker.started", "pid": 12}')
     assert daemon is not None and daemon["src"] == "daemon" and daemon["pid"] == 12
+    worker_json = parse_line('{"timestamp": "x", "event": "train.step", "step": 3, "origin": "worker"}')
+    assert worker_json is not None and worker_json["src"] == "worker" and worker_json["step"] == 3
     assert parse_line("I0000 00:00:1795613355.677681 cpu_feature_guard.cc:227] This TensorFlow") is None
 
 
