@@ -16,7 +16,6 @@ Rows (median of a few repetitions, same files system, same run):
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 import statistics
@@ -26,15 +25,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.bench import common
+from tests.bench.common import row as _row
+
 MB = 1 << 20
 CHUNK = 64 * MB
-
-
-def _row(name: str, value: float, unit: str, anchor: str, anchor_value: float | None, target: str) -> dict:
-    ratio = value / anchor_value if anchor_value else None
-    return {"name": name, "value": round(value, 4), "unit": unit, "anchor": anchor,
-            "anchor_value": None if anchor_value is None else round(anchor_value, 4),
-            "ratio": None if ratio is None else round(ratio, 3), "target": target}
 
 
 def _drop_cache(path: Path) -> None:
@@ -231,18 +226,5 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def _print(rows: list[dict[str, Any]]) -> None:
-    header = f"{'name':<52} {'value':>9} {'anchor':<30} {'anchor_value':>12} {'ratio':>7}  target"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        av = "" if r["anchor_value"] is None else f"{r['anchor_value']:.4f}"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.3f}"
-        value = f"{r['value']:>8.4f}{r['unit']}"
-        print(f"{r['name']:<52} {value} {r['anchor']:<30} {av:>12} {ratio:>7}  {r['target']}")
-
-
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="100 MB only")
-    _print(measure(quick=parser.parse_args().quick))
+    raise SystemExit(common.main(measure, __doc__))

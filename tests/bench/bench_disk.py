@@ -13,7 +13,6 @@ volume of the same size. Anchors, measured side by side in the same run:
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import os
@@ -32,18 +31,12 @@ from daemon import contract
 from daemon.clock import SystemClock
 from daemon.config import DiskConfig
 from daemon.diskguard import DiskGuard
+from tests.bench import common
+from tests.bench.common import row as _row
 from tests.disk_fixtures import mounted, write_checkpoint
 
 MiB = 1 << 20
 PRUNE_PERCENT = 78.0
-
-
-def _row(name: str, value: float, unit: str, anchor: str, anchor_value: float | None,
-         target: str) -> dict[str, Any]:
-    ratio = value / anchor_value if anchor_value else None
-    return {"name": name, "value": round(value, 3), "unit": unit, "anchor": anchor,
-            "anchor_value": None if anchor_value is None else round(anchor_value, 3),
-            "ratio": None if ratio is None else round(ratio, 2), "target": target}
 
 
 class _Usage(NamedTuple):
@@ -178,23 +171,10 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     ]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(prog="python -m tests.bench.bench_disk")
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
+def _quiet_logs() -> None:
     # The guard logs every prune; keep the table readable.
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.ERROR))
-    rows = measure(quick=args.quick)
-    head = f"{'name':<72} {'value':>10} {'unit':<14} {'anchor':>10} {'ratio':>7}  target"
-    print(head)
-    print("-" * len(head))
-    for r in rows:
-        anchor = "" if r["anchor_value"] is None else f"{r['anchor_value']:.3f}"
-        ratio = "" if r["ratio"] is None else f"{r['ratio']:.2f}"
-        print(f"{r['name']:<72} {r['value']:>10.3f} {r['unit']:<14} {anchor:>10} {ratio:>7}  {r['target']}")
-    for r in rows:
-        print(f"  anchor of {r['name']}: {r['anchor']}")
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(common.main(measure, __doc__, setup=_quiet_logs))

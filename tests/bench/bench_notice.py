@@ -19,7 +19,6 @@ Anchors, measured side by side in the same run:
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import random
@@ -33,6 +32,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from tests.bench import common
+from tests.bench.common import row as _row
 from tests.fakes import FakeAws, FakeAzure, FakeGce, FakeMetadataServer
 from tests.workers.harness import PY, Daemon
 
@@ -42,14 +43,6 @@ TF_WORKER = [PY, "-m", "service.examples.custom_loop", "--steps", "10000000", "-
 
 def _ts(iso: str) -> float:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
-
-
-def _row(name: str, value: float, unit: str, anchor: str, anchor_value: float | None,
-         target: str) -> dict[str, Any]:
-    ratio = value / anchor_value if anchor_value else None
-    return {"name": name, "value": round(value, 3), "unit": unit, "anchor": anchor,
-            "anchor_value": None if anchor_value is None else round(anchor_value, 3),
-            "ratio": None if ratio is None else round(ratio, 2), "target": target}
 
 
 def _fake(provider: str) -> FakeMetadataServer:
@@ -215,23 +208,5 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    head = ("name", "value", "unit", "anchor", "anchor_value", "ratio", "target")
-    table = [head] + [tuple("-" if r[k] is None else str(r[k]) for k in head) for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for n, row in enumerate(table):
-        print(" | ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)))
-        if n == 0:
-            print("-+-".join("-" * w for w in widths))
-
-
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    args = parser.parse_args()
-    print_table(measure(quick=args.quick))
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(common.main(measure, __doc__))

@@ -18,7 +18,6 @@ Both clocks start when the kill/spawn is issued and stop when the step's log lin
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -32,6 +31,8 @@ from typing import Any
 import psutil
 
 from daemon import contract
+from tests.bench import common
+from tests.bench.common import row as _row
 from tests.chaos.procs import PY, LoggedProcess, base_env, training_command
 
 STEPS = 10_000_000  # never finishes: the bench kills it
@@ -40,14 +41,6 @@ STEP_DELAY = 0.2  # slow steps: the background workers cost little CPU between m
 WORKER_ENV = {"EXAMPLE_LOG_EVERY": "1", "PYTHONUNBUFFERED": "1", "TF_CPP_MIN_LOG_LEVEL": "2",
               "EXAMPLE_STEP_DELAY": f"{STEP_DELAY:g}"}
 WAIT = 600.0
-
-
-def _row(name: str, value: float | None, unit: str, anchor: str, anchor_value: float | None,
-         target: str) -> dict[str, Any]:
-    ratio = value / anchor_value if value is not None and anchor_value else None
-    return {"name": name, "value": None if value is None else round(value, 3), "unit": unit,
-            "anchor": anchor, "anchor_value": None if anchor_value is None else round(anchor_value, 3),
-            "ratio": None if ratio is None else round(ratio, 3), "target": target}
 
 
 class _Daemon:
@@ -197,19 +190,5 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def print_table(rows: list[dict[str, Any]]) -> None:
-    head = ("name", "value", "unit", "anchor", "anchor_value", "ratio", "target")
-    for r in rows:
-        print(" | ".join(str(r.get(h, "")) for h in head))
-
-
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true")
-    args = p.parse_args()
-    print_table(measure(quick=args.quick))
-    return 0
-
-
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(common.main(measure, __doc__))

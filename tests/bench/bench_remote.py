@@ -14,7 +14,6 @@ client's interpreter. Anchors, measured side by side in the same run:
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import shutil
@@ -39,19 +38,13 @@ from daemon.config import RemoteConfig
 from daemon.remote.limiter import MB, from_mbps
 from daemon.remote.mirror import RemoteMirror
 from daemon.remote.upload import BLOCK_BYTES, CHUNK_BYTES
+from tests.bench import common
+from tests.bench.common import row as _row
 from tests.remote_s3 import KEY_ID, REGION, SECRET
 
 MiB = 1 << 20
 ROOT = Path(__file__).resolve().parents[2]
 BUCKET = "bench-remote"
-
-
-def _row(name: str, value: float, unit: str, anchor: str, anchor_value: float | None,
-         target: str) -> dict[str, Any]:
-    ratio = value / anchor_value if anchor_value else None
-    return {"name": name, "value": round(value, 3), "unit": unit, "anchor": anchor,
-            "anchor_value": None if anchor_value is None else round(anchor_value, 3),
-            "ratio": None if ratio is None else round(ratio, 2), "target": target}
 
 
 @contextmanager
@@ -237,15 +230,5 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    rows = measure(quick=parser.parse_args().quick)
-    cols = ("name", "value", "unit", "anchor", "anchor_value", "ratio", "target")
-    print(" | ".join(cols))
-    for r in rows:
-        print(" | ".join(str(r[c]) for c in cols))
-
-
 if __name__ == "__main__":
-    main()
+    raise SystemExit(common.main(measure, __doc__))
