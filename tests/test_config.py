@@ -159,21 +159,17 @@ toml_fragments = st.sampled_from([
 @given(st.one_of(st.lists(toml_fragments, max_size=20).map("".join),
                  st.text(alphabet=string.printable, max_size=200)))
 def test_fuzz_load_text_never_tracebacks(text: str) -> None:
-    import tempfile
-
-    with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as f:
-        f.write(text)
-    try:
-        config.load(f.name)
-    except ConfigError as exc:
-        assert str(exc)
-    finally:
-        Path(f.name).unlink()
+    _load_never_tracebacks(text.encode())
 
 
 @settings(max_examples=200, deadline=None)
 @given(st.binary(max_size=200))
 def test_fuzz_load_bytes_never_tracebacks(data: bytes) -> None:
+    _load_never_tracebacks(data)
+
+
+def _load_never_tracebacks(data: bytes) -> None:
+    """Any file content loads or raises ConfigError with a message, nothing else."""
     import tempfile
 
     with tempfile.NamedTemporaryFile("wb", suffix=".toml", delete=False) as f:

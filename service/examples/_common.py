@@ -59,6 +59,17 @@ def setup_determinism(seed: int) -> None:
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
 
+def mlp() -> Any:
+    """The small digits classifier every example trains (64 -> 64 relu -> 10 logits)."""
+    import keras
+
+    return keras.Sequential([
+        keras.Input((64,)),
+        keras.layers.Dense(64, activation="relu"),
+        keras.layers.Dense(10),
+    ])
+
+
 def digits() -> tuple[np.ndarray, np.ndarray]:
     """scikit-learn's bundled 8x8 digits (1797 images, no download); pixels scaled to [0, 1]."""
     from sklearn.datasets import load_digits

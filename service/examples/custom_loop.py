@@ -17,7 +17,14 @@ import time
 
 import structlog
 
-from service.examples._common import common_args, digits, setup_determinism, setup_logging, weights_digest
+from service.examples._common import (
+    common_args,
+    digits,
+    mlp,
+    setup_determinism,
+    setup_logging,
+    weights_digest,
+)
 
 log = structlog.get_logger()
 
@@ -40,11 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         .batch(32, drop_remainder=True)
     )
     iterator = iter(data)
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = mlp()
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
     noise = tf.random.Generator.from_seed(args.seed)

@@ -14,7 +14,14 @@ import sys
 
 import structlog
 
-from service.examples._common import common_args, digits, setup_determinism, setup_logging, weights_digest
+from service.examples._common import (
+    common_args,
+    digits,
+    mlp,
+    setup_determinism,
+    setup_logging,
+    weights_digest,
+)
 
 log = structlog.get_logger()
 
@@ -43,11 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             .batch(BATCH, drop_remainder=True)
         )
 
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = mlp()
     model.compile(optimizer=keras.optimizers.Adam(1e-3),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   metrics=["accuracy"])

@@ -14,7 +14,7 @@ import sys
 
 import structlog
 
-from service.examples._common import common_args, digits, env_int, setup_determinism, setup_logging
+from service.examples._common import common_args, digits, env_int, mlp, setup_determinism, setup_logging
 
 log = structlog.get_logger()
 
@@ -40,11 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     iterator = iter(
         tf.data.Dataset.from_tensor_slices((x, y)).shuffle(len(x), seed=args.seed).repeat().batch(32)
     )
-    model = keras.Sequential([
-        keras.Input((64,)),
-        keras.layers.Dense(64, activation="relu"),
-        keras.layers.Dense(10),
-    ])
+    model = mlp()
     optimizer = keras.optimizers.Adam(1e-3)
     optimizer.build(model.trainable_variables)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
