@@ -17,9 +17,10 @@ from daemon import contract
 
 pytestmark = pytest.mark.tf
 ROOT = Path(__file__).resolve().parents[1]
-STEP_RE = re.compile(r"train\.step\b.*\bstep=(\d+)")
-DIGEST_RE = re.compile(r"weights_sha256=([0-9a-f]{64})")
-RESTORED_RE = re.compile(r"checkpoint\.restored\b.*\bstep=(\d+)")
+# Console (key=value) or JSON ("key": value) lines: the examples log like the daemon.
+STEP_RE = re.compile(r"train\.step\b.*\bstep\"?[=:] ?(\d+)")
+DIGEST_RE = re.compile(r"weights_sha256\"?[=:] ?\"?([0-9a-f]{64})")
+RESTORED_RE = re.compile(r"checkpoint\.restored\b.*\bstep\"?[=:] ?(\d+)")
 
 
 def _env() -> dict[str, str]:
