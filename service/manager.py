@@ -34,7 +34,8 @@ from daemon.clock import Clock, SystemClock
 from service import commit as commit_mod
 from service.errors import CheckpointError, CheckpointMismatch
 from service.fastexit import FastExit
-from service.policy import PeriodicPolicy
+from service.policy import CopyPolicy, PeriodicPolicy, StepTimer
+from service.priority import DEFAULT_BACKGROUND_NICE, lower_thread_priority
 from service.reporter import DEFAULT_HEARTBEAT_INTERVAL, Reporter
 from service.restore import FILE_PREFIX, Restored, Unreadable, restore_newest
 from service.settings import Settings
@@ -75,6 +76,7 @@ class CheckpointManager:
         handle_signals: bool = True,
         strict: bool = True,
         heartbeat_interval: float = DEFAULT_HEARTBEAT_INTERVAL,
+        background_nice: int = DEFAULT_BACKGROUND_NICE,
         clock: Clock | None = None,
         environ: Mapping[str, str] | None = None,
     ) -> None:
@@ -84,6 +86,9 @@ class CheckpointManager:
         async_save: periodic/requested saves off the training thread (False: synchronous).
         handle_signals: SIGUSR1 = checkpoint now, SIGTERM = checkpoint and exit 0.
         strict: a restore that leaves an existing object unmatched is a CheckpointMismatch.
+        background_nice: added to the nice value of the thread that writes periodic and
+            requested saves (0 = same priority as training); emergency saves run on the
+            training thread at its priority.
         """
         self.settings = Settings.resolve(
             environ,
@@ -102,6 +107,8 @@ class CheckpointManager:
         self._versions = framework_versions()
         self._policy = PeriodicPolicy(self.settings.every_steps, self.settings.every_seconds)
         self._policy.reset(0, self._clock.monotonic())
+        self._steps = StepTimer()
+        self._copy_policy = CopyPolicy()
         self._reporter = Reporter(
             self.settings.socket_path, clock=self._clock, heartbeat_interval=heartbeat_interval
         )
@@ -112,7 +119,10 @@ class CheckpointManager:
             self._reporter.hello(f"tensorflow {tf.__version__}")
         self._snapshotter: Snapshotter | None = None
         self._async = async_save
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemptd-commit")
+        self._executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="preemptd-commit",
+            initializer=lower_thread_priority, initargs=(background_nice,),
+        )
         self._inflight: Future[commit_mod.Committed] | None = None
         self._inflight_step: int | None = None
         self._lock = threading.Lock()
@@ -204,6 +214,8 @@ class CheckpointManager:
         stored in the manifest of the next checkpoint (e.g. epoch and batch).
         """
         self._step = step
+        now = self._clock.monotonic()
+        self._steps.tick(now)
         if extra is not None:
             self._extra = dict(extra)
         self._collect(block=False)
@@ -217,7 +229,6 @@ class CheckpointManager:
             log.info("checkpoint.requested", step=step, source="signal")
             self._save(step, Reason.REQUESTED, blocking=not self._async)
             return
-        now = self._clock.monotonic()
         if self._policy.due(step, now):
             control = contract.read_control(self.settings.control_path)
             if control.get("skip_periodic"):
@@ -274,6 +285,8 @@ class CheckpointManager:
         self._closed = True
         self._signals.uninstall()
         self._executor.shutdown(wait=True)
+        if self._snapshotter is not None:
+            self._snapshotter.close()
         self._reporter.close()
 
     # ------------------------------------------------------------------- saving
@@ -309,7 +322,17 @@ class CheckpointManager:
         if not blocking and self._async:
             snapshotter = self._snapshot()
             if snapshotter is not None:
-                snapshotter.take()
+                self._copy_policy.collided(snapshotter.take_collisions())
+                defer = self._copy_policy.defer(self._steps.median(), snapshotter.copy_seconds)
+                try:
+                    snapshotter.take(defer=defer)
+                except SnapshotUnsupported as exc:
+                    log.warning("checkpoint.async_unsupported", why=str(exc))
+                    self._async = False
+                    snapshotter = None
+            if snapshotter is not None:
+                # The pause of this save is not part of a training step.
+                self._steps.restart(self._clock.monotonic())
                 self._inflight_step = step
                 self._inflight = self._executor.submit(
                     self._write_and_commit, snapshotter.write, temp, step, reason, started, extra

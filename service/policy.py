@@ -1,8 +1,8 @@
-"""When a periodic checkpoint is due: a small pure object, tested with a fake clock."""
+"""When a periodic checkpoint is due and how its snapshot is copied: small pure objects."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass
@@ -31,3 +31,58 @@ class PeriodicPolicy:
         if self.every_steps and step // self.every_steps > self.last_step // self.every_steps:
             return True
         return bool(self.every_seconds) and now - self.last_time >= self.every_seconds
+
+
+@dataclass
+class CopyPolicy:
+    """Whether a periodic snapshot leaves its copy to a helper thread (deferred).
+
+    A deferred copy pins the variables' buffers; a training update that reaches a
+    variable before its copy is done makes TF copy it on the training thread into
+    freshly mapped memory (about 5x a plain copy). An update comes at the end of a
+    step (gradients first), so deferring pays when steps are long compared with the
+    copy: `factor` times the copy as measured on the training thread (never before
+    one has been). Each time a deferred copy lost that race anyway (a "collision",
+    seen afterwards by the snapshot), the factor doubles.
+    """
+
+    factor: float = 4.0
+    max_factor: float = 256.0
+
+    def defer(self, step_seconds: float | None, copy_seconds: float | None) -> bool:
+        """Decide for the snapshot about to be taken."""
+        if step_seconds is None or copy_seconds is None:
+            return False
+        return step_seconds >= self.factor * copy_seconds
+
+    def collided(self, variables: int) -> None:
+        """`variables` of the last deferred copy were updated before they were copied."""
+        if variables:
+            self.factor = min(self.max_factor, self.factor * 2)
+
+
+@dataclass
+class StepTimer:
+    """Median duration of the last few training steps, from step-boundary times."""
+
+    window: int = 8
+    _last: float | None = None
+    _intervals: list[float] = field(default_factory=list)
+
+    def tick(self, now: float) -> None:
+        """A step boundary at monotonic time `now`."""
+        if self._last is not None:
+            self._intervals.append(now - self._last)
+            del self._intervals[:-self.window]
+        self._last = now
+
+    def restart(self, now: float) -> None:
+        """Forget the interval in progress (time spent saving is not a step)."""
+        self._last = now
+
+    def median(self) -> float | None:
+        """Median of the recorded intervals; None before two boundaries."""
+        if not self._intervals:
+            return None
+        ordered = sorted(self._intervals)
+        return ordered[len(ordered) // 2]

@@ -9,16 +9,25 @@ tf.Variables"). We use the same TF protocol the helper uses (each trackable's
 Checkpoint over the same objects), run eagerly, with Keras variables mapped onto
 the copy of the tf.Variable they wrap. TF's own serialisation still writes the files.
 
-On CPU the copy is copy-on-write (a variable read shares the buffer until the next
-update), so the training thread pays a few milliseconds plus, at its next update,
-one memory copy of the state; on a GPU it is the device-to-host copy.
+Big CPU variables are copied with one memcpy-speed numpy copy into a persistent,
+already mapped host buffer (see `_HostBuffer`): the floor for any copy-based
+snapshot. `take(defer=True)` only pins the current buffers (a read shares them) and
+leaves the copy to `write()` on the background thread; TF's own copy-on-write keeps
+the snapshot exact if training updates a variable before its copy is done (it then
+copies that variable on the training thread, which is why deferring is a choice:
+see `service.policy.CopyPolicy`). Variables on other devices get a device-to-host
+copy into a host variable on the training thread.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import time
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from typing import Any
 
+import numpy as np
 import structlog
 import tensorflow as tf
 from tensorflow.python.checkpoint import saveable_compat, trackable_view
@@ -73,10 +82,37 @@ class _FrozenIterator(trackable_base.Trackable):
         return self.tensors
 
 
-class Snapshotter:
-    """Copies the state of `checkpoint` on the training thread; writes the copy anywhere later."""
+class _HostBuffer:
+    """A host tf.Variable that numpy writes into directly, at memcpy speed.
 
-    def __init__(self, checkpoint: tf.train.Checkpoint) -> None:
+    TF's ways of copying into an existing variable (assign, strided-slice assign)
+    run 3-4x slower than a memcpy on CPU, and TF's aliasing copy makes the next
+    optimizer update copy into freshly mapped memory (about 5x). A CPU tensor's
+    buffer is shared by `np.asarray` without a copy; the variable below is never
+    written by TF, so its buffer never moves and a writable view of it stays valid.
+    """
+
+    def __init__(self, var: Any) -> None:
+        with tf.device("CPU:0"):
+            self.variable = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False)
+        shared = np.asarray(self.variable.read_value())
+        if shared.flags.owndata or shared.shape != tuple(var.shape):
+            raise SnapshotUnsupported("this TensorFlow does not share CPU buffers with numpy")
+        raw = (ctypes.c_char * shared.nbytes).from_address(shared.ctypes.data)
+        flat = np.frombuffer(memoryview(raw).cast("B"), dtype=shared.dtype)
+        self.view: np.ndarray = flat.reshape(shared.shape)
+        del shared
+        # Prove the view is the variable's buffer before any snapshot relies on it.
+        self.view.reshape(-1)[0] = 1
+        if not bool(tf.reshape(self.variable, [-1])[0] == 1):
+            raise SnapshotUnsupported("a numpy view of a host variable does not reach its buffer")
+
+
+class Snapshotter:
+    """Copies the state of `checkpoint` at a step boundary; writes the copy later, off the training thread."""
+
+    def __init__(self, checkpoint: tf.train.Checkpoint, copier: Executor | None = None) -> None:
+        """`copier` runs deferred copies (default: a thread started by the first one)."""
         kwargs = getattr(checkpoint, "_kwargs", None)
         if kwargs is None:
             raise SnapshotUnsupported("not a tf.train.Checkpoint (no constructor arguments to mirror)")
@@ -86,6 +122,19 @@ class Snapshotter:
         self._map: Any = object_identity.ObjectIdentityDictionary()
         self._items: list[Any] | None = None
         self._keras_variable: Any = _keras_variable_type()
+        self._buffers: Any = object_identity.ObjectIdentityDictionary()  # variable -> _HostBuffer
+        self._numpy_copy = True  # False once this TF turned out not to share CPU buffers
+        # (variable, pinned read of it, its numpy alias, destination view): copies left for write().
+        self._pending: list[tuple[Any, Any, np.ndarray, np.ndarray]] = []
+        self._collisions = 0  # variables a deferred copy found already updated (TF copied them)
+        # Deferred copies run on their own thread, at the priority of the thread that
+        # takes snapshots (training): they must finish before training updates the
+        # variables, while the write may yield to training (service.priority).
+        self._copier = copier
+        self._copying: Future[None] | None = None
+        self.copy_seconds: float | None = None  # the last copy on the training thread (uncontended)
+        self.deferred_copy_seconds: float | None = None  # the last copy on the helper thread
+        self.deferred_bytes = 0  # bytes whose copy the last take() left to write()
 
     def _collect(self) -> list[Any]:
         items = [
@@ -107,7 +156,7 @@ class Snapshotter:
                             extra.append(slot)
         return items + extra
 
-    def _copy(self, obj: Any) -> None:  # obj: a TF trackable (untyped upstream)
+    def _copy(self, obj: Any, defer: bool) -> None:  # obj: a TF trackable (untyped upstream)
         if isinstance(obj, iterator_ops.OwnedIterator):
             frozen = self._map.get(obj)
             if frozen is None:
@@ -120,27 +169,43 @@ class Snapshotter:
             frozen.tensors = obj._serialize_to_tensors()
         elif self._keras_variable is not None and isinstance(obj, self._keras_variable):
             inner = obj.value
-            self._copy_variable(inner)
+            self._copy_variable(inner, defer)
             self._map[obj] = self._map[inner]
         elif isinstance(obj, resource_variable_ops.ResourceVariable):
-            self._copy_variable(obj)
+            self._copy_variable(obj, defer)
         else:
             obj._copy_trackable_to_cpu(object_map=self._map)
 
-    def _copy_variable(self, var: Any) -> None:
-        """Copy a variable's value into its host copy.
-
-        TF's `_copy_trackable_to_cpu` assigns the value, which on CPU shares the
-        buffer: the next optimizer update then copies the whole variable into a
-        freshly mapped buffer (page faults included), about 4x the cost of a copy.
-        A strided-slice assignment of the whole variable writes into the copy's own,
-        already mapped buffer instead, and leaves the variable's buffer unshared.
-        """
-        dest = self._map.get(var)
+    def _copy_variable(self, var: Any, defer: bool) -> None:
+        """Copy (or, when `defer`, pin for a later copy) a variable's value into its host copy."""
         big = var.shape.rank and var.dtype.is_numeric and var.shape.num_elements() * var.dtype.size >= _BIG
         if not big:
+            # TF's copy shares the buffer; the next update copies it (cheap when small).
             var._copy_trackable_to_cpu(object_map=self._map)
             return
+        on_cpu = "CPU" in (var.device or "/device:CPU:0").upper()
+        if on_cpu and self._numpy_copy:
+            buffer = self._buffers.get(var)
+            if buffer is None:
+                try:
+                    buffer = self._buffers[var] = _HostBuffer(var)
+                except SnapshotUnsupported as exc:
+                    log.warning("checkpoint.snapshot_fallback", why=str(exc))
+                    self._numpy_copy = False
+            if buffer is not None:
+                self._map[var] = buffer.variable
+                pinned = var.read_value()  # shares the buffer: TF copies on the next write
+                source = np.asarray(pinned)
+                if defer:
+                    self._pending.append((var, pinned, source, buffer.view))
+                else:
+                    np.copyto(buffer.view, source)
+                return
+        self._copy_on_device(var)
+
+    def _copy_on_device(self, var: Any) -> None:
+        """Device-to-host copy into a host variable (strided-slice assignment, no aliasing)."""
+        dest = self._map.get(var)
         if dest is None:
             with tf.device("CPU:0"):
                 dest = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False)
@@ -151,20 +216,69 @@ class Snapshotter:
             value=var.read_value(),
         )
 
-    def take(self) -> None:
-        """Copy the current state (training thread; blocks only for the copy)."""
+    def take(self, defer: bool = False) -> None:
+        """Copy the current state on the calling (training) thread.
+
+        With `defer`, big CPU variables are only pinned here and copied by `write()`.
+        """
+        if self._copying is not None:
+            # A snapshot that was never written (its save failed first): its copy must
+            # not run on while this one pins the variables again.
+            copying, self._copying = self._copying, None
+            copying.exception()
         first = self._items is None
         if self._items is None:
             self._items = self._collect()
+        started = time.perf_counter()
         try:
             for obj in self._items:
-                self._copy(obj)
+                self._copy(obj, defer)
         except NotImplementedError as exc:
+            self._pending.clear()
             raise SnapshotUnsupported(f"{type(exc).__name__}: {exc}") from None
         if first:
             self._writer._saver._object_map = self._map
         context.async_wait()  # the copy has finished before training mutates state
+        self.deferred_bytes = sum(view.nbytes for *_, view in self._pending)
+        if not self._pending:
+            self.copy_seconds = time.perf_counter() - started
+            return
+        if self._copier is None:
+            self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="preemptd-snapshot")
+        self._copying = self._copier.submit(self._finish_copy)
+
+    def _finish_copy(self) -> None:
+        started = time.perf_counter()
+        collisions = 0
+        try:
+            while self._pending:
+                # Pop first: each variable is unpinned as soon as its copy is done.
+                var, pinned, source, view = self._pending.pop(0)
+                np.copyto(view, source)
+                del pinned
+                # Training updated it meanwhile iff TF moved it to a new buffer (copy-on-write).
+                collisions += np.asarray(var.read_value()).ctypes.data != source.ctypes.data
+                del source
+        finally:
+            self._pending.clear()
+        self._collisions += collisions
+        self.deferred_copy_seconds = time.perf_counter() - started
+
+    def take_collisions(self) -> int:
+        """Variables that training updated before a deferred copy reached them, since the last call."""
+        collisions, self._collisions = self._collisions, 0
+        return collisions
 
     def write(self, file_prefix: str) -> str:
-        """Write the last snapshot with TF's serialisation (any thread)."""
+        """Wait for a deferred copy, then write the snapshot with TF's serialisation (any thread)."""
+        copying, self._copying = self._copying, None
+        if copying is not None:
+            copying.result()
         return str(self._writer.write(file_prefix))
+
+    def close(self) -> None:
+        """Finish a deferred copy (unpinning the variables) and stop the copy thread."""
+        if self._copier is not None:
+            self._copier.shutdown(wait=True)
+            self._copier = None
+        self._copying = None

@@ -97,6 +97,94 @@ def test_roundtrip_exact_state_with_async_periodic_saves(tmp_path: Path) -> None
     assert contract.verify(tmp_path / contract.checkpoint_dirname(23)).reason == "final"
 
 
+def _big_checkpoint() -> tuple[tf.Variable, tf.train.Checkpoint]:
+    big = tf.Variable(tf.reshape(tf.range(600 * 600, dtype=tf.float32), (600, 600)))  # 1.4 MB: copied
+    return big, tf.train.Checkpoint(big=big, small=tf.Variable(1.0))
+
+
+def _address(var: tf.Variable) -> int:
+    return int(np.asarray(var.read_value()).ctypes.data)
+
+
+def test_deferred_copy_stays_exact_when_training_updates_first(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Event
+
+    from service.snapshot import Snapshotter
+
+    big, ckpt = _big_checkpoint()
+    before = big.numpy().copy()
+    copier = ThreadPoolExecutor(max_workers=1)
+    gate = Event()
+    copier.submit(gate.wait)  # the deferred copy queues behind this
+    snap = Snapshotter(ckpt, copier=copier)
+    snap.take(defer=True)
+    assert snap.deferred_bytes == big.numpy().nbytes
+    pinned_at = _address(big)
+    big.assign_add(tf.ones_like(big))  # training's next update, before the copy ran
+    assert _address(big) != pinned_at  # TF copied the variable away from the pinned buffer
+    gate.set()
+    snap.write(str(tmp_path / "ckpt"))
+    assert snap.take_collisions() == 1 and snap.take_collisions() == 0
+    restored, check = _big_checkpoint()
+    check.read(str(tmp_path / "ckpt")).assert_consumed()
+    np.testing.assert_array_equal(restored.numpy(), before)  # the value at take(), not after
+    np.testing.assert_array_equal(big.numpy(), before + 1)  # and training's update is intact
+    snap.close()
+    copier.shutdown()
+
+
+def test_deferred_copy_unpins_the_variables_when_done(tmp_path: Path) -> None:
+    from service.snapshot import Snapshotter
+
+    big, ckpt = _big_checkpoint()
+    snap = Snapshotter(ckpt)
+    snap.take()  # on the training thread
+    assert snap.deferred_bytes == 0 and snap.copy_seconds is not None
+    big.assign_add(tf.ones_like(big))
+    snap.take(defer=True)
+    value = big.numpy().copy()
+    snap.write(str(tmp_path / "ckpt"))  # waits for the copy
+    address = _address(big)
+    big.assign_add(tf.ones_like(big))
+    assert _address(big) == address  # updated in place: nothing pins it any more
+    assert snap.take_collisions() == 0 and snap.deferred_copy_seconds is not None
+    restored, check = _big_checkpoint()
+    check.read(str(tmp_path / "ckpt")).assert_consumed()
+    np.testing.assert_array_equal(restored.numpy(), value)
+    snap.close()
+
+
+def test_manager_defers_the_copy_on_long_steps_and_every_checkpoint_is_exact(tmp_path: Path) -> None:
+    from daemon.clock import FakeClock
+
+    clock = FakeClock()
+    job = Job()
+    mgr = _manager(job, tmp_path, every_steps=3, keep=10, clock=clock, handle_signals=False)
+    mgr.restore_or_initialize()
+    states = {}
+    deferred = []
+    for step in range(1, 13):
+        job.step()  # starts right after step_done: a deferred copy races it
+        if step % 3 == 1:
+            mgr.wait()  # the save before this step is committed: the next one is due on time
+        clock.advance(5.0)  # steps look long next to any copy: the copy is deferred
+        mgr.step_done(step)
+        states[step] = job.state()
+        if step % 3 == 0:
+            deferred.append(mgr._snapshotter.deferred_bytes > 0)  # type: ignore[union-attr]
+    mgr.close(final=False)
+    assert deferred == [False, True, True, True]  # the first copy is timed on the training thread
+    for step in (3, 6, 9, 12):
+        other = Job(seed=1)
+        path = tmp_path / contract.checkpoint_dirname(step)
+        resumed = _manager(other, tmp_path, environ={contract.ENV_RESUME: str(path)}, handle_signals=False)
+        assert resumed.restore_or_initialize() == step
+        resumed.close(final=False)
+        for x, y in zip(states[step], other.state(), strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
 def _damage(path: Path, how: str) -> None:
     data = path / "ckpt.data-00000-of-00001"
     if how == "truncate":

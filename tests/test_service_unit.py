@@ -16,7 +16,7 @@ from daemon import contract
 from daemon.clock import FakeClock
 from service import commit as commit_mod
 from service.errors import CheckpointDirError, ConfigError
-from service.policy import PeriodicPolicy
+from service.policy import CopyPolicy, PeriodicPolicy, StepTimer
 from service.reporter import Reporter
 from service.settings import Settings
 from service.signals import SignalRequests
@@ -90,6 +90,40 @@ def test_policy_steps_land_on_multiples_after_a_resume_or_request() -> None:
 def test_policy_off() -> None:
     p = PeriodicPolicy()
     assert not p.due(10**9, 10**9)
+
+
+def test_copy_is_deferred_only_when_steps_are_long_compared_with_the_measured_copy() -> None:
+    policy = CopyPolicy()
+    assert not policy.defer(None, 0.1)  # no step timed yet
+    assert not policy.defer(5.0, None)  # no copy timed yet: the first snapshot copies in place
+    assert not policy.defer(0.39, 0.1)  # an update could come before the copy is done
+    assert policy.defer(0.4, 0.1)
+
+
+def test_copy_policy_backs_off_after_a_collision() -> None:
+    policy = CopyPolicy(factor=4.0, max_factor=16.0)
+    policy.collided(0)  # a deferred copy that won the race changes nothing
+    assert policy.defer(0.4, 0.1)
+    policy.collided(3)
+    assert not policy.defer(0.4, 0.1) and policy.defer(0.8, 0.1)
+    for _ in range(5):
+        policy.collided(1)
+    assert policy.factor == 16.0  # capped: a later, longer step can still defer
+
+
+def test_step_timer_median_of_recent_steps_ignores_save_pauses() -> None:
+    timer = StepTimer(window=3)
+    assert timer.median() is None
+    timer.tick(0.0)
+    assert timer.median() is None  # one boundary is not a step
+    for now in (1.0, 2.0, 3.0):
+        timer.tick(now)
+    assert timer.median() == 1.0
+    timer.restart(10.0)  # a save paused training from 3.0 to 10.0: not a step
+    timer.tick(10.5)
+    timer.tick(11.0)
+    timer.tick(11.5)
+    assert timer.median() == 0.5  # the window keeps only the last 3 intervals
 
 
 # ------------------------------------------------------------ commit protocol

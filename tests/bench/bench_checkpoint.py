@@ -7,9 +7,7 @@ Rows (median of a few repetitions, same files system, same run):
 - emergency save (request -> durable commit: TF write, fsync + crc32 of every file,
   manifest, rename, parent fsync) / raw write+fsync of the same bytes. Target <= 1.3.
 - TF's synchronous write followed by fsync / raw write+fsync (the issue's reference point).
-- training-thread stall per periodic save (the snapshot in step_done plus the extra
-  time of the next update, which pays the copy-on-write) / TF's synchronous
-  tf.train.CheckpointManager.save(). Target <= 0.05.
+- (the training-thread stall per periodic save is in bench_stall.py)
 - restore (verify sizes and crc32, TF read) / raw read of the same bytes, both from
   disk: the files' pages are dropped from the cache first (posix_fadvise DONTNEED).
 """
@@ -136,48 +134,6 @@ def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
                      "raw write+fsync", raw_med, "<= 1.3"))
     rows.append(_row(f"TF write + fsync {label} (reference)", statistics.median(tf_fsync_times), "s",
                      "raw write+fsync", raw_med, "(issue: 1.7-2.0)"))
-
-    # -- stall per periodic save vs TF's synchronous CheckpointManager.save()
-    shutil.rmtree(ckdir, ignore_errors=True)
-    mgr = service.CheckpointManager(ckpt, ckdir, every_steps=1, every_seconds=0, keep=2,
-                                    handle_signals=False, environ={})
-    plain = []
-    for _ in range(5):
-        start = time.perf_counter()
-        train_step()
-        plain.append(time.perf_counter() - start)
-    step_time = statistics.median(plain)
-    stalls, background = [], []
-    for _ in range(reps + 1):
-        step += 1
-        train_step()
-        _settle()
-        start = time.perf_counter()
-        mgr.step_done(step)  # due: snapshot here, write/fsync/commit in the background
-        snap = time.perf_counter() - start
-        start = time.perf_counter()
-        train_step()  # pays the copy-on-write of every variable
-        extra = max(0.0, (time.perf_counter() - start) - step_time)
-        stalls.append(snap + extra)
-        start = time.perf_counter()
-        mgr.wait()
-        background.append(time.perf_counter() - start)
-        step += 1  # the step above counts as one: keep step numbers increasing
-    stalls = stalls[1:]  # the first save also builds the snapshot's copies (one-off)
-    mgr.close(final=False)
-    shutil.rmtree(ckdir)
-    tf_dir = workdir / "tfmgr"
-    tf_mgr = tf.train.CheckpointManager(ckpt, str(tf_dir), max_to_keep=2)
-    tf_saves = []
-    for _ in range(reps):
-        train_step()
-        _settle()
-        start = time.perf_counter()
-        tf_mgr.save()
-        tf_saves.append(time.perf_counter() - start)
-    shutil.rmtree(tf_dir)
-    rows.append(_row(f"stall per periodic save {label}", statistics.median(stalls), "s",
-                     "TF CheckpointManager.save()", statistics.median(tf_saves), "<= 0.05"))
 
     # -- restore vs raw read
     shutil.rmtree(ckdir, ignore_errors=True)
