@@ -40,7 +40,7 @@ from tensorflow.python.util import object_identity
 log = structlog.get_logger()
 
 
-# Variables at least this big get a real copy (see Snapshotter._copy_variable).
+# Variables at least this big have their copy deferred when the policy says so.
 _BIG = int(os.environ.get("PREEMPTD_SNAPSHOT_COPY_BYTES", 1 << 20))
 
 
@@ -95,6 +95,9 @@ class _HostBuffer:
     def __init__(self, var: Any) -> None:
         with tf.device("CPU:0"):
             self.variable = tf.Variable(tf.zeros(var.shape, var.dtype), trainable=False)
+            # An in-place update copies a buffer that anything else shares (TF's
+            # copy-on-write): after it, numpy writes reach this variable alone.
+            self.variable.assign_add(tf.zeros(var.shape, var.dtype))
         shared = np.asarray(self.variable.read_value())
         if shared.flags.owndata or shared.shape != tuple(var.shape):
             raise SnapshotUnsupported("this TensorFlow does not share CPU buffers with numpy")
@@ -102,6 +105,7 @@ class _HostBuffer:
         flat = np.frombuffer(memoryview(raw).cast("B"), dtype=shared.dtype)
         self.view: np.ndarray = flat.reshape(shared.shape)
         del shared
+        self.view.fill(0)  # fault the pages in now, not during the first (timed) copy
         # Prove the view is the variable's buffer before any snapshot relies on it.
         self.view.reshape(-1)[0] = 1
         if not bool(tf.reshape(self.variable, [-1])[0] == 1):
@@ -167,41 +171,51 @@ class Snapshotter:
                 if legacy is not None:
                     saveable_compat.legacy_saveable_name(legacy)(frozen)
             frozen.tensors = obj._serialize_to_tensors()
-        elif self._keras_variable is not None and isinstance(obj, self._keras_variable):
-            inner = obj.value
-            self._copy_variable(inner, defer)
-            self._map[obj] = self._map[inner]
-        elif isinstance(obj, resource_variable_ops.ResourceVariable):
-            self._copy_variable(obj, defer)
+        elif (var := self._variable_of(obj)) is not None:
+            self._copy_variable(var, defer)
+            if var is not obj:  # a Keras variable: its copy is that of the tf.Variable it wraps
+                self._map[obj] = self._map[var]
         else:
             obj._copy_trackable_to_cpu(object_map=self._map)
 
+    def _host_buffer(self, var: Any) -> _HostBuffer | None:
+        """The numpy-writable host copy of a numeric CPU variable (created on first use)."""
+        buffer = self._buffers.get(var)
+        if buffer is not None or not self._numpy_copy:
+            return buffer
+        if not var.dtype.is_numeric or "CPU" not in (var.device or "/device:CPU:0").upper():
+            return None
+        try:
+            buffer = self._buffers[var] = _HostBuffer(var)
+        except SnapshotUnsupported as exc:
+            log.warning("checkpoint.snapshot_fallback", why=str(exc))
+            self._numpy_copy = False
+        return buffer
+
     def _copy_variable(self, var: Any, defer: bool) -> None:
-        """Copy (or, when `defer`, pin for a later copy) a variable's value into its host copy."""
-        big = var.shape.rank and var.dtype.is_numeric and var.shape.num_elements() * var.dtype.size >= _BIG
-        if not big:
+        """Copy (or, when `defer` and big, pin for a later copy) a variable's value into its host copy."""
+        nbytes = var.shape.num_elements() * var.dtype.size if var.shape.is_fully_defined() else 0
+        buffer = self._host_buffer(var)
+        if buffer is not None:
+            self._map[var] = buffer.variable
+            # Shares the buffer (TF copies it on the next write); the raw op skips
+            # read_value()'s extra identity op and wrappers (a third of the pause).
+            pinned = tf.raw_ops.ReadVariableOp(resource=var.handle, dtype=var.dtype)
+            source = np.asarray(pinned)
+            if defer and nbytes >= _BIG:
+                self._pending.append((var, pinned, source, buffer.view))
+            else:
+                np.copyto(buffer.view, source)
+        elif nbytes >= _BIG and var.shape.rank:
+            self._copy_on_device(var)
+        else:
             # TF's copy shares the buffer; the next update copies it (cheap when small).
             var._copy_trackable_to_cpu(object_map=self._map)
-            return
-        on_cpu = "CPU" in (var.device or "/device:CPU:0").upper()
-        if on_cpu and self._numpy_copy:
-            buffer = self._buffers.get(var)
-            if buffer is None:
-                try:
-                    buffer = self._buffers[var] = _HostBuffer(var)
-                except SnapshotUnsupported as exc:
-                    log.warning("checkpoint.snapshot_fallback", why=str(exc))
-                    self._numpy_copy = False
-            if buffer is not None:
-                self._map[var] = buffer.variable
-                pinned = var.read_value()  # shares the buffer: TF copies on the next write
-                source = np.asarray(pinned)
-                if defer:
-                    self._pending.append((var, pinned, source, buffer.view))
-                else:
-                    np.copyto(buffer.view, source)
-                return
-        self._copy_on_device(var)
+
+    def _variable_of(self, obj: Any) -> Any:
+        if self._keras_variable is not None and isinstance(obj, self._keras_variable):
+            return obj.value
+        return obj if isinstance(obj, resource_variable_ops.ResourceVariable) else None
 
     def _copy_on_device(self, var: Any) -> None:
         """Device-to-host copy into a host variable (strided-slice assignment, no aliasing)."""
@@ -229,6 +243,10 @@ class Snapshotter:
         first = self._items is None
         if self._items is None:
             self._items = self._collect()
+            for obj in self._items:  # map (and fault in) the host copies outside the timed copy
+                var = self._variable_of(obj)
+                if var is not None:
+                    self._host_buffer(var)
         started = time.perf_counter()
         try:
             for obj in self._items:

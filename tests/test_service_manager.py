@@ -338,6 +338,31 @@ def test_background_failure_raises_at_next_step(tmp_path: Path) -> None:
     mgr.close(final=False)
 
 
+def test_background_writes_run_below_training_priority(tmp_path: Path) -> None:
+    import threading
+
+    job = Job()
+    mgr = _manager(job, tmp_path, every_steps=2, handle_signals=False, background_nice=7)
+    mgr.restore_or_initialize()
+    seen: dict[str, int] = {}
+    snapshotter = mgr._snapshot()
+    assert snapshotter is not None
+    real_write = snapshotter.write
+
+    def recording_write(prefix: str) -> str:
+        seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        return real_write(prefix)
+
+    snapshotter.write = recording_write  # type: ignore[method-assign]
+    training = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    _run(job, mgr, 0, 2)
+    mgr.wait()
+    assert seen["writer"] == min(19, training + 7)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == training
+    assert [e.step for e in contract.committed(tmp_path)] == [2]
+    mgr.close(final=False)
+
+
 def test_savedmodel_export_is_atomic_and_serves(tmp_path: Path) -> None:
     job = Job()
     exporter = service.SavedModelExporter(job.model, tmp_path / "savedmodel", every_steps=2, keep=2,

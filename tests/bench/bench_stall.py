@@ -138,7 +138,8 @@ def _timed_steps(job: Job, mgr: Any, step: int, n: int) -> tuple[float, list[flo
     return sum(times), times
 
 
-def measure_job(job: Job, label: str, pairs: int, workdir: Path, **manager_kw: Any) -> list[dict[str, Any]]:
+def measure_job(job: Job, label: str, pairs: int, workdir: Path, floor: bool = False,
+                **manager_kw: Any) -> list[dict[str, Any]]:
     """The stall and lost-time rows of `job`; see the module docstring."""
     import tensorflow as tf
 
@@ -149,7 +150,7 @@ def measure_job(job: Job, label: str, pairs: int, workdir: Path, **manager_kw: A
     tf_mgr = tf.train.CheckpointManager(job.checkpoint, str(tf_dir), max_to_keep=2)
     job.step()
     tf_saves = []
-    for _ in range(3):
+    for _ in range(5):
         job.step()
         _settle()
         start = time.perf_counter()
@@ -212,7 +213,11 @@ def measure_job(job: Job, label: str, pairs: int, workdir: Path, **manager_kw: A
             samples.lost[-1] -= total  # the cycle without a save right after the one with
     mgr.close(final=False)
     shutil.rmtree(ckdir, ignore_errors=True)
-    return [
+    rows = []
+    if floor:
+        rows.append(_row(f"memory copy of the {label} state (floor of a copy on the training thread)",
+                         copy_floor(job), "s", "TF CheckpointManager.save()", tf_save, "report"))
+    return rows + [
         _row(f"stall per periodic save {label}, {job.name} ({samples.deferred}/{samples.saves} copies "
              f"deferred, {samples.cow_steps} next steps paid copy-on-write)",
              statistics.median(samples.stalls), "s", "TF CheckpointManager.save()", tf_save, "<= 0.05"),
@@ -223,10 +228,9 @@ def measure_job(job: Job, label: str, pairs: int, workdir: Path, **manager_kw: A
     ]
 
 
-def copy_floor(job: Job, label: str) -> dict[str, Any]:
+def copy_floor(job: Job) -> float:
     """numpy copy of the state into already mapped buffers: the floor of a copy-based snapshot."""
     import numpy as np
-    import tensorflow as tf
 
     sources = [np.asarray(v.read_value()) for v in job.variables]
     dests = [np.ones_like(s) for s in sources]
@@ -236,21 +240,7 @@ def copy_floor(job: Job, label: str) -> dict[str, Any]:
         for d, s in zip(dests, sources, strict=True):
             np.copyto(d, s)
         times.append(time.perf_counter() - start)
-    del sources
-    tf_dir = Path(tempfile.mkdtemp(prefix="bench-floor-"))
-    try:
-        tf_mgr = tf.train.CheckpointManager(job.checkpoint, str(tf_dir), max_to_keep=1)
-        saves = []
-        for _ in range(3):
-            _settle()
-            start = time.perf_counter()
-            tf_mgr.save()
-            saves.append(time.perf_counter() - start)
-    finally:
-        shutil.rmtree(tf_dir)
-    return _row(f"memory copy of the {label} state (floor of a copy on the training thread)",
-                statistics.median(times), "s", "TF CheckpointManager.save()", statistics.median(saves),
-                "report")
+    return statistics.median(times)
 
 
 def measure(quick: bool = False) -> list[dict[str, Any]]:
@@ -267,9 +257,8 @@ def measure(quick: bool = False) -> list[dict[str, Any]]:
             workdir = Path(tempfile.mkdtemp(prefix="bench-stall-", dir=base))
             try:
                 job = make(size)
-                if make is update_only:
-                    rows.append(copy_floor(job, label))
-                rows.extend(measure_job(job, label, pairs=3 if quick or size > 100 else 5, workdir=workdir))
+                rows.extend(measure_job(job, label, pairs=3 if quick or size > 100 else 5, workdir=workdir,
+                                        floor=make is update_only))
             finally:
                 shutil.rmtree(workdir, ignore_errors=True)
     return rows
