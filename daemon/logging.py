@@ -44,7 +44,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: IO[str] | None = N
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(cast(TextIO, _SafeStream(stream))),
+        # One write per line (message and newline together): PrintLogger's print() makes
+        # two, and with unbuffered stdout (PYTHONUNBUFFERED, as in the unit) the worker,
+        # which shares the daemon's stdout, could write its line between them.
+        logger_factory=structlog.WriteLoggerFactory(cast(TextIO, _SafeStream(stream))),
         cache_logger_on_first_use=False,
     )
 
