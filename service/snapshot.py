@@ -9,10 +9,10 @@ tf.Variables"). We use the same TF protocol the helper uses (each trackable's
 Checkpoint over the same objects), run eagerly, with Keras variables mapped onto
 the copy of the tf.Variable they wrap. TF's own serialisation still writes the files.
 
-Big CPU variables are copied with one memcpy-speed numpy copy into a persistent,
+Numeric CPU variables are copied with one memcpy-speed numpy copy into a persistent,
 already mapped host buffer (see `_HostBuffer`): the floor for any copy-based
-snapshot. `take(defer=True)` only pins the current buffers (a read shares them) and
-leaves the copy to `write()` on the background thread; TF's own copy-on-write keeps
+snapshot. `take(defer=True)` only pins the buffers of the big ones (a read shares
+them) and leaves their copy to a helper thread; TF's own copy-on-write keeps
 the snapshot exact if training updates a variable before its copy is done (it then
 copies that variable on the training thread, which is why deferring is a choice:
 see `service.policy.CopyPolicy`). Variables on other devices get a device-to-host
