@@ -322,7 +322,12 @@ class CheckpointManager:
         if not blocking and self._async:
             snapshotter = self._snapshot()
             if snapshotter is not None:
-                self._copy_policy.collided(snapshotter.take_collisions())
+                collisions = snapshotter.take_collisions()
+                if collisions:
+                    self._copy_policy.collided(collisions)
+                    # Training updated them first: TF copied them on the training thread.
+                    log.info("checkpoint.copy_raced", variables=collisions,
+                             defer_factor=self._copy_policy.factor)
                 defer = self._copy_policy.defer(self._steps.median(), snapshotter.copy_seconds)
                 try:
                     snapshotter.take(defer=defer)
