@@ -42,13 +42,8 @@ def _drop_cache(path: Path) -> None:
             os.close(fd)
 
 
-def _settle() -> None:
-    os.sync()  # no dirty pages of an earlier measurement get flushed during the next one
-    time.sleep(0.2)
-
-
 def _raw_write_fsync(data: memoryview, path: Path) -> float:
-    _settle()
+    common.settle()
     start = time.perf_counter()
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
@@ -111,7 +106,7 @@ def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
                                         handle_signals=False, environ={})
         step += 1
         train_step()
-        _settle()
+        common.settle()
         start = time.perf_counter()
         mgr.save(step, reason="preemption", wait=True)
         emergency_times.append(time.perf_counter() - start)
@@ -119,7 +114,7 @@ def measure_size(size_mb: int, reps: int, workdir: Path) -> list[dict]:
         shutil.rmtree(ckdir)
         # TF synchronous write, then fsync of what it wrote (no checksums, no manifest).
         prefix = workdir / "tfsync" / "ckpt"
-        _settle()
+        common.settle()
         start = time.perf_counter()
         ckpt.write(str(prefix))
         for p in prefix.parent.iterdir():

@@ -48,11 +48,6 @@ CYCLE_SAVES = 6
 WARMUP_CYCLES = 2  # the first save maps the host buffers and times the copy (never deferred)
 
 
-def _settle() -> None:
-    os.sync()  # no dirty pages of an earlier measurement get flushed during the next one
-    time.sleep(0.2)
-
-
 @dataclass
 class Job:
     """A training step over a tf.train.Checkpoint, and the tf.Variables it updates."""
@@ -152,7 +147,7 @@ def measure_job(job: Job, label: str, pairs: int, workdir: Path, floor: bool = F
     tf_saves = []
     for _ in range(5):
         job.step()
-        _settle()
+        common.settle()
         start = time.perf_counter()
         tf_mgr.save()
         tf_saves.append(time.perf_counter() - start)
@@ -177,7 +172,7 @@ def measure_job(job: Job, label: str, pairs: int, workdir: Path, floor: bool = F
         warmup = cycle < WARMUP_CYCLES
         with_save = cycle % 2 == 0
         mgr.wait()
-        _settle()
+        common.settle()
         _timed_steps(job, mgr, step, 2)  # the manager's step timer sees real steps
         step += 2
         start = time.perf_counter()

@@ -7,6 +7,8 @@ A row is {"name", "value", "unit", "anchor", "anchor_value", "ratio", "target"};
 from __future__ import annotations
 
 import argparse
+import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -21,6 +23,12 @@ def row(name: str, value: float | None, unit: str, anchor: str, anchor_value: fl
     return {"name": name, "value": None if value is None else round(value, 4), "unit": unit,
             "anchor": anchor, "anchor_value": None if anchor_value is None else round(anchor_value, 4),
             "ratio": None if ratio is None else round(ratio, 3), "target": target}
+
+
+def settle() -> None:
+    """Flush dirty pages and pause, so an earlier measurement's write-back lands outside the next."""
+    os.sync()
+    time.sleep(0.2)
 
 
 def print_table(rows: list[Row]) -> None:
